@@ -1,0 +1,51 @@
+"""clims-loss: CLIP's language supervision for weakly supervised semantic segmentation (CLIMS, CVPR 2022).
+
+>>> import clims_loss as cl
+>>> cl.BackgroundPromptRegistry.preset("voc").weights
+LossWeights(otm=10.0, btm=25.0, cbs=29.5, reg=1.15)
+"""
+
+from clims_loss.clip_loading import load_open_clip
+from clims_loss.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, UNIT_MEAN, UNIT_STD
+from clims_loss.evaluator import CLIPTextDrivenEvaluator, EvaluatorOutput
+from clims_loss.functional import (
+    LossWeights,
+    btm_loss,
+    cbs_loss,
+    combine_losses,
+    otm_loss,
+    reduce_loss,
+    reg_loss,
+    similarity_to_probability,
+)
+from clims_loss.masking import MaskedViews, masked_views, positive_pairs
+from clims_loss.prompts import COCO_CLASSES, VOC_CLASSES, BackgroundPromptRegistry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "COCO_CLASSES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "UNIT_MEAN",
+    "UNIT_STD",
+    "VOC_CLASSES",
+    "BackgroundPromptRegistry",
+    "CLIPTextDrivenEvaluator",
+    "EvaluatorOutput",
+    "LossWeights",
+    "MaskedViews",
+    "__version__",
+    "btm_loss",
+    "cbs_loss",
+    "combine_losses",
+    "load_open_clip",
+    "masked_views",
+    "otm_loss",
+    "positive_pairs",
+    "reduce_loss",
+    "reg_loss",
+    "similarity_to_probability",
+]

@@ -1,0 +1,90 @@
+"""Loading a CLIP model and its tokenizer through open_clip, with the details that matter for CLIMS."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["clip_input_size", "clip_normalization", "load_open_clip"]
+
+
+def _open_clip() -> Any:
+    try:
+        import open_clip
+    except ImportError as error:  # pragma: no cover - open_clip_torch is a hard dependency
+        raise ImportError("loading CLIP needs open_clip: pip install open_clip_torch") from error
+    return open_clip
+
+
+def load_open_clip(
+    name: str,
+    pretrained: str | os.PathLike[str] | None = None,
+    *,
+    quick_gelu: bool | None = None,
+    device: str | torch.device = "cpu",
+    cache_dir: str | None = None,
+    **model_kwargs: Any,
+) -> tuple[nn.Module, Any]:
+    """Build ``(model, tokenizer)`` with open_clip.
+
+    Args:
+        name: an open_clip model name (``"ViT-B-32"``, ``"RN50"``, a name registered with
+            ``open_clip.add_model_config``) or a ``"local-dir:/path"`` / ``"hf-hub:org/repo"`` source.
+        pretrained: an open_clip tag (``"openai"``, ``"laion2b_s34b_b79k"``, ...), a local checkpoint
+            file, or ``None`` for random initialisation. Tags are downloaded by open_clip into its
+            cache; without network access, pass a local file.
+        quick_gelu: OpenAI's weights were trained with QuickGELU, and a model built with plain GELU
+            silently gives worse features. ``None`` takes the value the tag was trained with (and the
+            ``-quickgelu`` suffix of the name); pass ``True`` for a local copy of OpenAI weights.
+    """
+    open_clip = _open_clip()
+    pretrained_arg = None if pretrained is None else os.fspath(pretrained)
+    is_tag = pretrained_arg is not None and not os.path.isfile(pretrained_arg) and ":" not in name
+    if is_tag:
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained_arg)
+        if not tag_cfg:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise ValueError(
+                f"expected pretrained to be a local file or one of open_clip's tags for {name!r} "
+                f"({', '.join(tags) or 'none'}), got {pretrained_arg!r}"
+            )
+        if quick_gelu is None:
+            quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    model = open_clip.create_model(
+        name,
+        pretrained=pretrained_arg,
+        force_quick_gelu=bool(quick_gelu),
+        device=device,
+        cache_dir=cache_dir,
+        **model_kwargs,
+    )
+    tokenizer = open_clip.get_tokenizer(name)
+    return model, tokenizer
+
+
+def clip_input_size(model: nn.Module, default: int = 224) -> int:
+    """The square input side the image encoder expects (``model.visual.image_size``)."""
+    visual = getattr(model, "visual", None)
+    size = getattr(visual, "image_size", None)
+    if size is None:
+        return default
+    if isinstance(size, (tuple, list)):
+        if size[0] != size[1]:
+            raise ValueError(f"expected a square CLIP input size, got {tuple(size)}")
+        size = size[0]
+    return int(size)
+
+
+def clip_normalization(
+    model: nn.Module, default: tuple[tuple[float, ...], tuple[float, ...]]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The ``(mean, std)`` the image encoder was trained with, as open_clip records them."""
+    visual = getattr(model, "visual", None)
+    mean = getattr(visual, "image_mean", None)
+    std = getattr(visual, "image_std", None)
+    if mean is None or std is None:
+        return default
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)

@@ -1,0 +1,337 @@
+"""``CLIPTextDrivenEvaluator``: a frozen CLIP turned into the CLIMS training signal for CAM maps."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from clims_loss.clip_loading import clip_input_size, load_open_clip
+from clims_loss.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from clims_loss.functional import LossWeights, btm_loss, cbs_loss, combine_losses, otm_loss, reg_loss
+from clims_loss.masking import check_evaluator_inputs, masked_views, positive_pairs
+from clims_loss.prompts import BackgroundPromptRegistry
+
+__all__ = ["CLIPTextDrivenEvaluator", "EvaluatorOutput"]
+
+
+@dataclass(frozen=True)
+class EvaluatorOutput:
+    """The loss of one step and its parts, with the per-pair similarities for logging.
+
+    ``loss`` is the weighted sum (Eq. 13); ``otm``, ``btm``, ``cbs``, ``reg`` are the unweighted
+    terms. ``sim_fg_text``/``sim_bg_text`` are ``(N,)``, ``sim_fg_bgtext`` is ``(N, L)``, and
+    ``batch_index``/``class_index`` say which pair each row is.
+    """
+
+    loss: Tensor
+    otm: Tensor
+    btm: Tensor
+    cbs: Tensor
+    reg: Tensor
+    sim_fg_text: Tensor
+    sim_bg_text: Tensor
+    sim_fg_bgtext: Tensor
+    batch_index: Tensor
+    class_index: Tensor
+
+    def as_dict(self) -> dict[str, float]:
+        """The five scalars as Python floats (one sync), for logging."""
+        values = torch.stack([self.loss, self.otm, self.btm, self.cbs, self.reg]).detach().float().tolist()
+        return dict(zip(("loss", "otm", "btm", "cbs", "reg"), values, strict=True))
+
+
+def _as_registry(prompts: BackgroundPromptRegistry | str) -> BackgroundPromptRegistry:
+    if isinstance(prompts, str):
+        return BackgroundPromptRegistry.preset(prompts)
+    if not isinstance(prompts, BackgroundPromptRegistry):
+        raise TypeError(f"expected prompts to be a BackgroundPromptRegistry or a preset name, got {prompts!r}")
+    return prompts
+
+
+class CLIPTextDrivenEvaluator(nn.Module):
+    """The text-driven evaluator of CLIMS (Fig. 2b): frozen CLIP + cached text + the four losses.
+
+    Args:
+        clip_model: an open_clip model, or any module with ``encode_image(images) -> (n, D)`` and
+            ``encode_text(tokens) -> (n, D)``. It is frozen (no gradients, always in eval mode) and
+            deliberately *not* registered as a submodule: it stays out of ``parameters()`` and
+            ``state_dict()`` of any model the evaluator is put into, yet follows ``.to()``.
+        tokenizer: ``tokenizer(list_of_str) -> LongTensor`` matching ``clip_model``.
+        prompts: a :class:`BackgroundPromptRegistry` or a preset name (default ``"voc"``).
+        weights: ``alpha, beta, gamma, delta``; defaults to ``prompts.weights``.
+        image_mean, image_std: how the images passed to ``forward`` are normalised.
+        clip_mean, clip_std: CLIP's own normalisation (used by ``masking="pixel"``).
+        input_size: CLIP's input side; read from ``clip_model.visual.image_size`` when ``None``.
+        masking: overrides ``prompts.masking`` (``"pixel"`` or ``"pass_through"``).
+        max_views_per_forward: cap on the views encoded at once. With a cap, the encoder runs in
+            chunks under activation checkpointing, so peak memory stays flat as pairs grow (at the
+            cost of a second encoder forward in backward).
+        validate: check inputs for NaN, maps outside ``[0, 1]`` and non-binary labels.
+
+    Shapes: ``images (B, 3, H, W)``, ``cams (B, K, h, w)`` in ``[0, 1]``, ``labels (B, K)`` multi-hot.
+    """
+
+    text_embeddings: Tensor
+    background_embeddings: Tensor
+    background_mask: Tensor
+    class_pair_weights: Tensor
+    image_mean: Tensor
+    image_std: Tensor
+    clip_mean: Tensor
+    clip_std: Tensor
+
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        tokenizer: Callable[[list[str]], Tensor],
+        prompts: BackgroundPromptRegistry | str = "voc",
+        *,
+        weights: LossWeights | None = None,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        clip_mean: Sequence[float] = CLIP_MEAN,
+        clip_std: Sequence[float] = CLIP_STD,
+        input_size: int | None = None,
+        masking: str | None = None,
+        max_views_per_forward: int | None = None,
+        validate: bool = True,
+    ) -> None:
+        super().__init__()
+        for method in ("encode_image", "encode_text"):
+            if not callable(getattr(clip_model, method, None)):
+                raise TypeError(f"expected clip_model to have a callable {method}(), got {type(clip_model).__name__}")
+        if max_views_per_forward is not None and max_views_per_forward < 1:
+            raise ValueError(f"expected max_views_per_forward >= 1 or None, got {max_views_per_forward}")
+        self.prompts = _as_registry(prompts)
+        if masking is not None:
+            self.prompts = self.prompts.replace(masking=masking)
+        self.weights = self.prompts.weights if weights is None else weights
+        if not isinstance(self.weights, LossWeights):
+            raise TypeError(f"expected weights to be a LossWeights, got {type(self.weights).__name__}")
+        if self.weights.cbs != 0 and not self.prompts.uses_cbs:
+            raise ValueError(
+                f"expected background prompts in registry {self.prompts.name!r} because the CBS weight is "
+                f"{self.weights.cbs}, got none; add class_backgrounds/global_backgrounds or set weights.cbs=0"
+            )
+        self.input_size = clip_input_size(clip_model) if input_size is None else int(input_size)
+        self.max_views_per_forward = max_views_per_forward
+        self.validate = validate
+
+        clip_model.eval()
+        clip_model.requires_grad_(False)
+        # A plain attribute, not a submodule: see the class docstring.
+        self.__dict__["clip_model"] = clip_model
+
+        self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32), persistent=False)
+        self.register_buffer("clip_mean", torch.tensor(clip_mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("clip_std", torch.tensor(clip_std, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "class_pair_weights", torch.tensor(self.prompts.pair_weights(), dtype=torch.float32), persistent=False
+        )
+        self.register_buffer(
+            "background_mask", torch.tensor(self.prompts.background_mask(), dtype=torch.bool), persistent=False
+        )
+        if self.background_mask.numel() == 0:
+            self.background_mask = self.background_mask.reshape(self.prompts.num_classes, 0)
+
+        text = self._encode_prompts(tokenizer, self.prompts.object_prompts())
+        background = self._encode_prompts(tokenizer, self.prompts.background_prompts())
+        if background.numel() == 0:
+            background = text.new_zeros(0, text.shape[1])
+        # Text embeddings are constants of the method: encoded once, normalised, kept as buffers.
+        self.register_buffer("text_embeddings", text, persistent=False)
+        self.register_buffer("background_embeddings", background, persistent=False)
+
+    # ------------------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        pretrained: str | os.PathLike[str] | None = None,
+        *,
+        prompts: BackgroundPromptRegistry | str = "voc",
+        quick_gelu: bool | None = None,
+        device: str | torch.device = "cpu",
+        cache_dir: str | None = None,
+        **kwargs: Any,
+    ) -> CLIPTextDrivenEvaluator:
+        """Build the evaluator around an open_clip model (see :func:`clims_loss.load_open_clip`).
+
+        ``pretrained`` is an open_clip tag (``"openai"``: QuickGELU is set for you), a local
+        checkpoint file, or ``None`` for random weights. ``kwargs`` go to the constructor; CLIP's
+        own normalisation is taken from the model unless ``clip_mean``/``clip_std`` are given.
+        """
+        model, tokenizer = load_open_clip(
+            name, pretrained, quick_gelu=quick_gelu, device=device, cache_dir=cache_dir
+        )
+        visual = getattr(model, "visual", None)
+        if getattr(visual, "image_mean", None) is not None and "clip_mean" not in kwargs:
+            kwargs["clip_mean"] = tuple(visual.image_mean)  # type: ignore[union-attr]
+            kwargs["clip_std"] = tuple(visual.image_std)  # type: ignore[union-attr]
+        return cls(model, tokenizer, prompts, **kwargs).to(device)
+
+    @property
+    def clip_model(self) -> nn.Module:
+        return self.__dict__["clip_model"]  # type: ignore[no-any-return]
+
+    @torch.no_grad()
+    def _encode_prompts(self, tokenizer: Callable[[list[str]], Tensor], prompts: list[str]) -> Tensor:
+        if not prompts:
+            return torch.zeros(0, 0)
+        tokens = tokenizer(prompts)
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.shape[0] != len(prompts):
+            shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise TypeError(f"expected tokenizer to return a (num_prompts, context) tensor, got {shape}")
+        context_length = getattr(self.clip_model, "context_length", None)
+        vocab_size = getattr(self.clip_model, "vocab_size", None)
+        if context_length is not None and tokens.shape[1] != context_length:
+            raise ValueError(
+                f"tokenizer/model mismatch: expected tokens of context length {context_length} "
+                f"(the model's), got {tokens.shape[1]}"
+            )
+        if vocab_size is not None and int(tokens.max()) >= vocab_size:
+            raise ValueError(
+                f"tokenizer/model mismatch: expected token ids < {vocab_size} (the model's vocabulary), "
+                f"got id {int(tokens.max())}"
+            )
+        device = next(iter(self._clip_tensors()), torch.empty(0)).device
+        embeddings = self.clip_model.encode_text(tokens.to(device)).float()
+        return nn.functional.normalize(embeddings, dim=-1)
+
+    def _clip_tensors(self) -> Iterator[Tensor]:
+        yield from self.clip_model.parameters()
+        yield from self.clip_model.buffers()
+
+    # ------------------------------------------------------------------------------ module plumbing
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> CLIPTextDrivenEvaluator:  # type: ignore[override]
+        # .to()/.cuda()/.double() must reach CLIP although it is not a submodule.
+        self.clip_model._apply(fn)
+        super()._apply(fn, recurse)
+        return self
+
+    def train(self, mode: bool = True) -> CLIPTextDrivenEvaluator:
+        # The evaluator has no trainable state; CLIP stays in eval mode whatever the parent does.
+        super().train(mode)
+        self.clip_model.eval()
+        return self
+
+    # ------------------------------------------------------------------------------ forward
+    def encode_views(self, views: Tensor) -> Tensor:
+        """``(n, 3, S, S) -> (n, D)`` L2-normalised image embeddings, chunked when capped.
+
+        The embeddings take the text embeddings' dtype, so similarities are float32 under autocast.
+        """
+        cap = self.max_views_per_forward
+        if cap is None or views.shape[0] <= cap:
+            features = self.clip_model.encode_image(views)
+        else:
+            # Checkpointing each chunk frees its activations until backward, so memory stays flat.
+            chunks = [
+                checkpoint(self.clip_model.encode_image, chunk, use_reentrant=False)
+                if torch.is_grad_enabled() and chunk.requires_grad
+                else self.clip_model.encode_image(chunk)
+                for chunk in views.split(cap)
+            ]
+            features = torch.cat(chunks)
+        return nn.functional.normalize(features.to(self.text_embeddings.dtype), dim=-1)
+
+    def forward(self, images: Tensor, cams: Tensor, labels: Tensor) -> EvaluatorOutput:
+        """The CLIMS loss of a batch.
+
+        Args:
+            images: ``(B, 3, H, W)``, normalised with ``image_mean``/``image_std``.
+            cams: ``(B, K, h, w)`` activation maps in ``[0, 1]`` (``sigmoid`` of the CAM logits).
+            labels: ``(B, K)`` multi-hot image labels.
+        """
+        pending = check_evaluator_inputs(images, cams, labels, validate=self.validate)
+        num_classes = self.text_embeddings.shape[0]
+        if cams.shape[1] != num_classes:
+            raise ValueError(
+                f"expected cams of shape (B, K, h, w) with K = {num_classes} classes of registry "
+                f"{self.prompts.name!r}, got {tuple(cams.shape)}"
+            )
+        if images.device != self.text_embeddings.device:
+            raise ValueError(
+                f"expected images on the evaluator's device {self.text_embeddings.device}, got {images.device}; "
+                "move the evaluator with .to(device)"
+            )
+        batch_index, class_index = positive_pairs(labels)
+        pending.raise_if_failed()
+        num_pairs = int(batch_index.shape[0])
+        weights = self.weights
+        need_fg = num_pairs > 0 and (weights.otm != 0 or weights.cbs != 0)
+        need_bg = num_pairs > 0 and weights.btm != 0
+
+        views = masked_views(
+            images,
+            cams,
+            labels,
+            size=self.input_size,
+            mode=self.prompts.masking,
+            image_mean=self.image_mean,
+            image_std=self.image_std,
+            clip_mean=self.clip_mean,
+            clip_std=self.clip_std,
+            pairs=(batch_index, class_index),
+            validate=False,
+        )
+        # One encoder call over [fg; bg]; a term whose weight is 0 does not pay for its views.
+        if need_fg and need_bg:
+            features = self.encode_views(views.views)
+            fg_features, bg_features = features[:num_pairs], features[num_pairs:]
+        else:
+            empty = self.text_embeddings.new_zeros(num_pairs, self.text_embeddings.shape[1])
+            fg_features = self.encode_views(views.fg) if need_fg else empty
+            bg_features = self.encode_views(views.bg) if need_bg else empty
+
+        pair_text = self.text_embeddings[class_index]
+        sim_fg_text = (fg_features * pair_text).sum(dim=-1)
+        sim_bg_text = (bg_features * pair_text).sum(dim=-1)
+        sim_fg_bgtext = fg_features @ self.background_embeddings.T
+        prompt_mask = self.background_mask[class_index]
+        pair_weights = self.class_pair_weights[class_index]
+
+        settings = dict(eps=self.prompts.eps, similarity=self.prompts.similarity, validate=False)
+        otm = otm_loss(sim_fg_text, pair_weights, reduction=self.prompts.pair_reduction, **settings)
+        btm = btm_loss(sim_bg_text, pair_weights, reduction=self.prompts.pair_reduction, **settings)
+        cbs = cbs_loss(
+            sim_fg_bgtext,
+            prompt_mask,
+            threshold=self.prompts.cbs_threshold,
+            prompt_reduction=self.prompts.cbs_prompt_reduction,
+            reduction=self.prompts.cbs_reduction,
+            **settings,
+        )
+        reg = reg_loss(cams, labels, positive_only=self.prompts.reg_positive_only, validate=False)
+        # Terms switched off by a zero weight are exact zeros (no encoder pass was spent on them).
+        otm, btm, cbs = (
+            term if need else term.detach() * 0
+            for term, need in ((otm, need_fg), (btm, need_bg), (cbs, need_fg))
+        )
+        loss = combine_losses(otm, btm, cbs, reg, weights)
+        return EvaluatorOutput(
+            loss=loss,
+            otm=otm,
+            btm=btm,
+            cbs=cbs,
+            reg=reg,
+            sim_fg_text=sim_fg_text,
+            sim_bg_text=sim_bg_text,
+            sim_fg_bgtext=sim_fg_bgtext,
+            batch_index=batch_index,
+            class_index=class_index,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"prompts={self.prompts.name!r}, classes={self.prompts.num_classes}, "
+            f"background_prompts={self.background_embeddings.shape[0]}, weights={self.weights}, "
+            f"masking={self.prompts.masking!r}, input_size={self.input_size}"
+        )

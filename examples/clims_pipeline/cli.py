@@ -1,0 +1,179 @@
+"""Command line of the CLIMS example pipeline (``examples/voc_full_pipeline.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from . import stages  # noqa: F401  (registers the stages)
+from .context import STAGES, StageContext, ordered_stages
+from .distributed import init_distributed, shutdown_distributed
+from .files import write_json
+from .presets import DATASETS, PRESETS, VARIANTS, PipelineConfig, apply_override, build_config
+
+DEFAULT_STAGES = ("train_cam", "train_clims", "make_cam", "eval_cam")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    stage_help = "; ".join(f"{s.name}: {s.help}" for s in sorted(STAGES.values(), key=lambda s: s.order))
+    parser = argparse.ArgumentParser(
+        prog="voc_full_pipeline.py",
+        description="Reproduce CLIMS (CVPR 2022): baseline CAM -> CLIMS CAM -> ..., mIoU after each stage. "
+        "Run with python (one process) or torchrun --nproc_per_node=N (DDP).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--stages",
+        default=",".join(DEFAULT_STAGES),
+        help=f"comma-separated stages, or 'all'. Stages: {stage_help}",
+    )
+    parser.add_argument("--workdir", required=True, help="where every stage reads and writes its outputs")
+    parser.add_argument("--dataset", choices=DATASETS, default="voc")
+    parser.add_argument(
+        "--voc-root", help="VOCdevkit, VOCdevkit/VOC2012, or a directory holding JPEGImages/ etc."
+    )
+    parser.add_argument("--coco-root", help="COCO 2014 root with train2014/, val2014/, annotations/")
+    parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="full",
+        help="full: the paper's sizes; smoke: tiny networks and crops for a CPU check",
+    )
+    parser.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default="paper",
+        help="CLIMS recipe: paper (camera-ready) or official (improved repository version)",
+    )
+    parser.add_argument("--train-split", help="training list (default: train_aug; smoke preset: train)")
+    parser.add_argument("--eval-split", help="CAM evaluation list (default: train, the 1,464 images)")
+    parser.add_argument(
+        "--cam-source",
+        choices=("auto", "train_cam", "train_clims"),
+        help="which network make_cam/eval_cam use (auto: train_clims when available)",
+    )
+    parser.add_argument("--backbone", choices=("resnet50", "tiny"), help="backbone (default by preset)")
+    parser.add_argument(
+        "--backbone-weights", help="imagenet (torchvision), none (random init) or a local state-dict file"
+    )
+    parser.add_argument("--clip", help="open_clip model name (default ViT-B-32; smoke: a tiny random ViT)")
+    parser.add_argument(
+        "--clip-pretrained", help="open_clip tag (openai, ...), a local checkpoint file, or none"
+    )
+    parser.add_argument(
+        "--clip-config",
+        help="an extra open_clip model-config JSON to register (its file stem "
+        "becomes a model name for --clip)",
+    )
+    parser.add_argument("--epochs-cam", type=int, help="override train_cam.train epochs")
+    parser.add_argument("--epochs-clims", type=int, help="override train_clims epochs")
+    parser.add_argument("--num-workers", type=int, help="data-loader workers per process")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override any config field, e.g. --set train_cam.batch_size=8 (repeatable)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="redo the requested stages even if finished")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> PipelineConfig:
+    config = build_config(args.preset, args.variant, args.dataset)
+    direct = {
+        "data.train_split": args.train_split,
+        "data.eval_split": args.eval_split,
+        "data.num_workers": args.num_workers,
+        "make_cam.source": args.cam_source,
+        "network.backbone": args.backbone,
+        "network.weights": args.backbone_weights,
+        "train_clims.clip": args.clip,
+        "train_clims.clip_pretrained": args.clip_pretrained,
+        "train_cam.epochs": args.epochs_cam,
+        "train_clims.train.epochs": args.epochs_clims,
+    }
+    for key, value in direct.items():
+        if value is not None:
+            apply_override(config, f"{key}={json.dumps(value)}")
+    for text in args.set:
+        apply_override(config, text)
+    return config
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = resolve_config(args)
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    names = (
+        list(DEFAULT_STAGES)
+        if args.stages in ("", "default")
+        else (
+            sorted(STAGES, key=lambda n: STAGES[n].order)
+            if args.stages == "all"
+            else [name.strip() for name in args.stages.split(",") if name.strip()]
+        )
+    )
+    selected = ordered_stages(names)
+
+    dist_info, device = init_distributed(args.device)
+    workdir = os.path.abspath(args.workdir)
+    from pathlib import Path
+
+    ctx = StageContext(
+        args=args,
+        config=config,
+        workdir=Path(workdir),
+        device=device,
+        dist=dist_info,
+        seed=args.seed,
+        amp=args.amp,
+        force=args.force,
+        requested_stages=[s.name for s in selected],
+    )
+    try:
+        seed_everything(args.seed)
+        if dist_info.is_main:
+            ctx.workdir.mkdir(parents=True, exist_ok=True)
+            write_json(
+                ctx.workdir / "config.json",
+                {
+                    "argv": list(sys.argv if argv is None else argv),
+                    "world_size": dist_info.world_size,
+                    "device": str(device),
+                    "config": config.to_dict(),
+                },
+            )
+        ctx.print(
+            f"[pipeline] stages {[s.name for s in selected]} | preset {config.preset} | variant "
+            f"{config.variant} | {config.dataset} | device {device} | processes {dist_info.world_size} | "
+            f"workdir {ctx.workdir}"
+        )
+        for stage in selected:
+            started = time.perf_counter()
+            stage.run(ctx)
+            ctx.print(f"[pipeline] {stage.name} finished in {time.perf_counter() - started:.1f} s")
+    finally:
+        ctx.close()
+        shutdown_distributed()
+    return 0

@@ -1,0 +1,491 @@
+"""Datasets: PASCAL VOC 2012 (+ SBD ``SegmentationClassAug``) and MS-COCO 2014, their checks and transforms.
+
+A :class:`SegmentationSource` knows where a dataset's files are: split lists, images, semantic masks (raw
+class
+indices, ``0`` background, ``255`` void, whatever the PNG mode) and image-level labels. The torch datasets
+below
+turn a source into training crops or full-resolution inference images.
+
+Class indices: a source has ``K`` foreground classes. Image-level labels are ``K``-way multi-hot vectors over
+the
+foreground classes (index ``k`` is mask value ``k + 1``); masks keep ``0`` for background.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ElementTree
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from clims_loss import IMAGENET_MEAN, IMAGENET_STD
+
+from .files import read_json, save_png, write_json
+
+VOID_LABEL = 255
+
+VOC_CLASSES = (
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+
+
+class DatasetError(RuntimeError):
+    """A dataset file is missing or unreadable; the message names the file."""
+
+
+def open_image_checked(path: Path, what: str) -> Image.Image:
+    """Open an image lazily, turning every failure into a :class:`DatasetError` that names the file."""
+    if not path.is_file():
+        raise DatasetError(f"missing {what}: {path}")
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError) as error:
+        raise DatasetError(f"unreadable {what}: {path} ({error})") from error
+
+
+def load_rgb(path: Path) -> Image.Image:
+    image = open_image_checked(path, "image")
+    try:
+        return image.convert("RGB")
+    except OSError as error:  # truncated or corrupt pixel data shows up only when decoding
+        raise DatasetError(f"unreadable image: {path} ({error})") from error
+
+
+def load_index_mask(path: Path) -> np.ndarray:
+    """A semantic mask as raw indices (H, W) uint8: palette (``P``) and grayscale (``L``) PNGs alike.
+
+    Converting a palette PNG to RGB or L would map indices to colours, so the pixel data is read untouched.
+    """
+    mask = open_image_checked(path, "mask")
+    if mask.mode not in ("P", "L"):
+        raise DatasetError(f"expected a palette (P) or grayscale (L) mask, got mode {mask.mode}: {path}")
+    try:
+        return np.array(mask, dtype=np.uint8)
+    except OSError as error:
+        raise DatasetError(f"unreadable mask: {path} ({error})") from error
+
+
+def labels_from_mask(mask: np.ndarray, num_classes: int) -> list[int]:
+    """0-based foreground class indices present in a mask (values 1..K; 0 and 255 ignored)."""
+    values = np.unique(mask)
+    return [int(v) - 1 for v in values if 1 <= v <= num_classes]
+
+
+def multi_hot(class_indices: Sequence[int], num_classes: int) -> np.ndarray:
+    vector = np.zeros(num_classes, dtype=np.float32)
+    vector[list(class_indices)] = 1.0
+    return vector
+
+
+class SegmentationSource(ABC):
+    """Where one dataset's files are. Subclasses: :class:`VOCSource`, :class:`COCOSource`."""
+
+    name: str
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @abstractmethod
+    def ids(self, split: str) -> list[str]:
+        """Image ids of a split, in list order; raises :class:`DatasetError` naming a missing list file."""
+
+    @abstractmethod
+    def image_path(self, image_id: str) -> Path: ...
+
+    @abstractmethod
+    def mask_path(self, image_id: str) -> Path:
+        """The semantic mask of an image (it may not exist; validation reports it)."""
+
+    @abstractmethod
+    def compute_labels(self, image_id: str) -> list[int]:
+        """0-based foreground classes of one image, from its annotation."""
+
+    def fingerprint(self) -> str:
+        """Identifies the data on disk for caches (a changed root invalidates cached labels)."""
+        return f"{self.name}:{self.root}"
+
+    root: Path
+
+    def load_image(self, image_id: str) -> Image.Image:
+        return load_rgb(self.image_path(image_id))
+
+    def load_mask(self, image_id: str) -> np.ndarray:
+        return load_index_mask(self.mask_path(image_id))
+
+    def validate(self, split: str, need_masks: bool) -> list[str]:
+        """Check that a split's list, images (and masks) exist and open; return its ids.
+
+        Only headers are read (cheap even for 10k files); pixel data errors are reported by name when decoded.
+        """
+        image_ids = self.ids(split)
+        if not image_ids:
+            raise DatasetError(f"split {split!r} of {self.name} lists no images")
+        for image_id in image_ids:
+            with open_image_checked(self.image_path(image_id), "image"):
+                pass
+            if need_masks:
+                with open_image_checked(self.mask_path(image_id), "mask"):
+                    pass
+        return image_ids
+
+    def labels(self, split: str, cache_dir: Path | None) -> dict[str, list[int]]:
+        """Image-level labels of a split, derived once and cached as JSON in ``cache_dir``."""
+        cache_path = cache_dir / f"labels_{self.name}_{split}.json" if cache_dir is not None else None
+        if cache_path is not None and cache_path.exists():
+            cached = read_json(cache_path)
+            if cached.get("fingerprint") == self.fingerprint():
+                return {k: list(v) for k, v in cached["labels"].items()}
+        labels = {image_id: self.compute_labels(image_id) for image_id in self.ids(split)}
+        if cache_path is not None:
+            write_json(
+                cache_path,
+                {"fingerprint": self.fingerprint(), "class_names": list(self.class_names), "labels": labels},
+            )
+        return labels
+
+
+def resolve_voc_root(path: str | Path) -> Path:
+    """Accept ``VOCdevkit``, ``VOCdevkit/VOC2012`` or any directory that directly holds ``JPEGImages``."""
+    given = Path(path).expanduser()
+    for candidate in (given, given / "VOC2012", given / "VOCdevkit" / "VOC2012"):
+        if (candidate / "JPEGImages").is_dir():
+            return candidate
+    raise DatasetError(
+        f"no VOC 2012 layout under {given}: expected {given / 'JPEGImages'} "
+        f"(or VOC2012/JPEGImages, VOCdevkit/VOC2012/JPEGImages)"
+    )
+
+
+class VOCSource(SegmentationSource):
+    """PASCAL VOC 2012 with the SBD-augmented masks.
+
+    Masks: ``SegmentationClass/<id>.png`` when present (the official annotation of the 2,913 VOC images),
+    otherwise ``SegmentationClassAug/<id>.png`` (the SBD-derived masks of ``train_aug``). Labels come from the
+    mask, or from ``Annotations/<id>.xml`` for an image without a mask.
+    """
+
+    name = "voc"
+    class_names = VOC_CLASSES
+
+    def __init__(self, root: str | Path):
+        self.root = resolve_voc_root(root)
+
+    def list_path(self, split: str) -> Path:
+        return self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+
+    def ids(self, split: str) -> list[str]:
+        list_path = self.list_path(split)
+        if not list_path.is_file():
+            hint = (
+                (
+                    " (train_aug.txt is the 10,582-image SBD list; pass --train-split train to train on "
+                    "the 1,464 "
+                    "VOC images instead)"
+                )
+                if split == "train_aug"
+                else ""
+            )
+            raise DatasetError(f"missing split list: {list_path}{hint}")
+        # Some lists carry "<id> <mask path>" pairs; the id is always the first field.
+        return [line.split()[0] for line in list_path.read_text().splitlines() if line.strip()]
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+    def mask_path(self, image_id: str) -> Path:
+        official = self.root / "SegmentationClass" / f"{image_id}.png"
+        if official.is_file():
+            return official
+        augmented = self.root / "SegmentationClassAug" / f"{image_id}.png"
+        return augmented if augmented.is_file() or not official.parent.is_dir() else official
+
+    def compute_labels(self, image_id: str) -> list[int]:
+        mask_path = self.mask_path(image_id)
+        xml_path = self.root / "Annotations" / f"{image_id}.xml"
+        if not mask_path.is_file() and xml_path.is_file():
+            return self._labels_from_xml(xml_path)
+        return labels_from_mask(self.load_mask(image_id), self.num_classes)
+
+    def _labels_from_xml(self, xml_path: Path) -> list[int]:
+        try:
+            names = {
+                node.text.strip()
+                for node in ElementTree.parse(xml_path).getroot().iter("name")
+                if node.text is not None
+            }
+        except ElementTree.ParseError as error:
+            raise DatasetError(f"unreadable annotation: {xml_path} ({error})") from error
+        # <name> also tags body parts (head, hand, foot) inside <part>; keep only class names.
+        return sorted(self.class_names.index(name) for name in names if name in self.class_names)
+
+
+class COCOSource(SegmentationSource):
+    """MS-COCO 2014 through pycocotools: ``<root>/{train2014,val2014}/`` and
+    ``<root>/annotations/instances_{train,val}2014.json``; splits ``train`` and ``val``.
+
+    Semantic masks are rendered once from the instance polygons/RLEs into ``mask_cache_dir`` (1..80 in the
+    order
+    of category ids, larger instances painted first so that small ones stay visible, crowd regions void).
+    """
+
+    name = "coco"
+
+    def __init__(self, root: str | Path, mask_cache_dir: Path):
+        try:
+            from pycocotools.coco import COCO  # noqa: F401
+        except ImportError as error:
+            raise ImportError("--dataset coco needs pycocotools: pip install pycocotools") from error
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise DatasetError(f"missing COCO root directory: {self.root}")
+        self.mask_cache_dir = mask_cache_dir
+        self._apis: dict[str, Any] = {}
+        self._id_to_split: dict[str, str] = {}
+        self._class_names: tuple[str, ...] | None = None
+        self._category_ids: list[int] = []
+
+    def annotation_path(self, split: str) -> Path:
+        return self.root / "annotations" / f"instances_{split}2014.json"
+
+    def _api(self, split: str) -> Any:
+        if split not in ("train", "val"):
+            raise DatasetError(f"COCO 2014 has splits 'train' and 'val', got {split!r}")
+        if split not in self._apis:
+            from pycocotools.coco import COCO
+
+            path = self.annotation_path(split)
+            if not path.is_file():
+                raise DatasetError(f"missing split list: {path}")
+            api = COCO(str(path))
+            self._apis[split] = api
+            categories = sorted(api.loadCats(api.getCatIds()), key=lambda c: c["id"])
+            self._category_ids = [c["id"] for c in categories]
+            self._class_names = tuple(c["name"] for c in categories)
+            for info in api.dataset["images"]:
+                self._id_to_split[Path(info["file_name"]).stem] = split
+        return self._apis[split]
+
+    @property
+    def class_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        if self._class_names is None:
+            for split in ("train", "val"):
+                if self.annotation_path(split).is_file():
+                    self._api(split)
+                    break
+            else:
+                raise DatasetError(f"missing split list: {self.annotation_path('train')}")
+        assert self._class_names is not None
+        return self._class_names
+
+    def ids(self, split: str) -> list[str]:
+        api = self._api(split)
+        return sorted(Path(info["file_name"]).stem for info in api.dataset["images"])
+
+    def _split_of(self, image_id: str) -> str:
+        if image_id not in self._id_to_split:
+            for split in ("train", "val"):
+                if split not in self._apis and self.annotation_path(split).is_file():
+                    self._api(split)
+        if image_id not in self._id_to_split:
+            raise DatasetError(f"image id {image_id!r} is in no loaded COCO annotation file")
+        return self._id_to_split[image_id]
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / f"{self._split_of(image_id)}2014" / f"{image_id}.jpg"
+
+    def _annotations(self, image_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        api = self._api(self._split_of(image_id))
+        numeric_id = int(image_id.rsplit("_", 1)[-1])
+        return api.imgs[numeric_id], api.loadAnns(api.getAnnIds(imgIds=numeric_id))
+
+    def mask_path(self, image_id: str) -> Path:
+        path = self.mask_cache_dir / self._split_of(image_id) / f"{image_id}.png"
+        if not path.is_file():
+            save_png(path, Image.fromarray(self._render_mask(image_id), mode="L"))
+        return path
+
+    def _render_mask(self, image_id: str) -> np.ndarray:
+        api = self._api(self._split_of(image_id))
+        info, annotations = self._annotations(image_id)
+        mask = np.zeros((info["height"], info["width"]), dtype=np.uint8)
+        for annotation in sorted(annotations, key=lambda a: -a.get("area", 0.0)):
+            pixels = api.annToMask(annotation).astype(bool)
+            value = (
+                VOID_LABEL
+                if annotation.get("iscrowd", 0)
+                else self._category_ids.index(annotation["category_id"]) + 1
+            )
+            mask[pixels] = value
+        return mask
+
+    def compute_labels(self, image_id: str) -> list[int]:
+        _, annotations = self._annotations(image_id)
+        return sorted(
+            {self._category_ids.index(a["category_id"]) for a in annotations if not a.get("iscrowd", 0)}
+        )
+
+
+def build_source(
+    dataset: str, voc_root: str | None, coco_root: str | None, cache_dir: Path
+) -> SegmentationSource:
+    if dataset == "voc":
+        if voc_root is None:
+            raise DatasetError("--dataset voc needs --voc-root (a VOCdevkit/VOC2012 directory)")
+        return VOCSource(voc_root)
+    if dataset == "coco":
+        if coco_root is None:
+            raise DatasetError(
+                "--dataset coco needs --coco-root (holding train2014/, val2014/, annotations/)"
+            )
+        return COCOSource(coco_root, mask_cache_dir=cache_dir / "coco_masks")
+    raise ValueError(f"expected dataset 'voc' or 'coco', got {dataset!r}")
+
+
+# ------------------------------------------------------------------------------------------------------
+# transforms and torch datasets
+
+
+def normalize_image(image: Image.Image) -> np.ndarray:
+    """RGB PIL image -> (3, H, W) float32, ImageNet-normalised (for the backbone and the evaluator)."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    array = (array - np.asarray(IMAGENET_MEAN, dtype=np.float32)) / np.asarray(IMAGENET_STD, dtype=np.float32)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def random_rescale_long_side(
+    image: Image.Image, rng: np.random.Generator, long_range: tuple[int, int]
+) -> Image.Image:
+    target_long = int(rng.integers(long_range[0], long_range[1] + 1))
+    width, height = image.size
+    scale = target_long / max(width, height)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(new_size, Image.BILINEAR)
+
+
+def random_crop_with_padding(array: np.ndarray, crop_size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random ``crop_size`` square of a (C, H, W) array; smaller sides are zero-padded (0 = the mean colour
+    after normalisation) at a random offset, so every crop has the same shape and a batch can be stacked."""
+    channels, height, width = array.shape
+    out = np.zeros((channels, crop_size, crop_size), dtype=array.dtype)
+    src_y, dst_y, span_y = _crop_offsets(height, crop_size, rng)
+    src_x, dst_x, span_x = _crop_offsets(width, crop_size, rng)
+    out[:, dst_y : dst_y + span_y, dst_x : dst_x + span_x] = array[
+        :, src_y : src_y + span_y, src_x : src_x + span_x
+    ]
+    return out
+
+
+def _crop_offsets(length: int, crop: int, rng: np.random.Generator) -> tuple[int, int, int]:
+    if length >= crop:
+        return int(rng.integers(0, length - crop + 1)), 0, crop
+    return 0, int(rng.integers(0, crop - length + 1)), length
+
+
+class TrainCropDataset(Dataset):
+    """Training samples: random rescale (long side), horizontal flip, ImageNet normalisation, random crop.
+
+    Indexed by ``(epoch, index)`` pairs (see :class:`EpochIndexSampler`): each sample's augmentation is drawn
+    from
+    a generator seeded by ``(seed, epoch, index)``, so it does not depend on the number of data-loader
+    workers,
+    on how ranks shard the data, or on whether the run was resumed.
+    """
+
+    def __init__(
+        self,
+        source: SegmentationSource,
+        image_ids: Sequence[str],
+        labels: dict[str, list[int]],
+        resize_long: tuple[int, int],
+        crop_size: int,
+        seed: int,
+    ):
+        self.source = source
+        self.image_ids = list(image_ids)
+        self.labels = [multi_hot(labels[image_id], source.num_classes) for image_id in self.image_ids]
+        self.resize_long = resize_long
+        self.crop_size = crop_size
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        image = self.source.load_image(self.image_ids[index])
+        image = random_rescale_long_side(image, rng, self.resize_long)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        crop = random_crop_with_padding(normalize_image(image), self.crop_size, rng)
+        return {
+            "image": torch.from_numpy(crop),
+            "label": torch.from_numpy(self.labels[index]),
+            "index": index,
+        }
+
+
+class EpochIndexSampler(torch.utils.data.Sampler):
+    """Wraps a (Distributed)Sampler so that it yields ``(epoch, index)`` for :class:`TrainCropDataset`."""
+
+    def __init__(self, sampler: torch.utils.data.DistributedSampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return ((self.epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class FullImageDataset(Dataset):
+    """Whole images at full resolution, normalised, with labels (for inference)."""
+
+    def __init__(self, source: SegmentationSource, image_ids: Sequence[str], labels: dict[str, list[int]]):
+        self.source = source
+        self.image_ids = list(image_ids)
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_id = self.image_ids[index]
+        array = normalize_image(self.source.load_image(image_id))
+        return {
+            "id": image_id,
+            "image": torch.from_numpy(array),
+            "label": torch.from_numpy(multi_hot(self.labels[image_id], self.source.num_classes)),
+        }

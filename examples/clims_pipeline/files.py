@@ -1,0 +1,94 @@
+"""Atomic file output and the shared ``results.json``.
+
+Every file the pipeline writes goes through :func:`atomic_write`: the content is written to a temporary file
+in
+the same directory and renamed over the target, so a killed run leaves either the old file or the new one,
+never a
+truncated file that a rerun would trust.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(file)`` on a temporary file next to ``path``; rename it to ``path`` when it succeeds."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary_name, target)
+    except BaseException:
+        # Leave nothing behind that a later run could mistake for output.
+        Path(temporary_name).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    return atomic_write(path, lambda file: file.write(text.encode("utf-8")))
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def save_torch(path: str | os.PathLike[str], obj: Any) -> Path:
+    return atomic_write(path, lambda file: torch.save(obj, file))
+
+
+def save_npy(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Save an array, or a dict of arrays as a pickled 0-d object array (the IRN/PSA ``.npy`` CAM format)."""
+    return atomic_write(path, lambda file: np.save(file, obj, allow_pickle=True))
+
+
+def save_png(path: str | os.PathLike[str], image: Any) -> Path:
+    """Save a PIL image as PNG."""
+    return atomic_write(path, lambda file: image.save(file, format="PNG"))
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An advisory inter-process lock (POSIX ``flock``) on ``path``, created if missing."""
+    lock_path = Path(path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as lock_file:
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
+def update_results(path: str | os.PathLike[str], updates: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``updates`` (top-level keys, one per stage) into the JSON file at ``path``; return the result.
+
+    The read-modify-write runs under a lock and ends in an atomic rename, so stages that finish at the same
+    time
+    (or a run killed mid-write) never lose or truncate another stage's keys.
+    """
+    results_path = Path(path)
+    with file_lock(results_path.with_name(f".{results_path.name}.lock")):
+        merged: dict[str, Any] = read_json(results_path) if results_path.exists() else {}
+        if not isinstance(merged, dict):
+            raise ValueError(f"expected a JSON object in {results_path}, got {type(merged).__name__}")
+        merged.update(updates)
+        write_json(results_path, merged)
+    return merged

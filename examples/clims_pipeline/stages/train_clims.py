@@ -1,0 +1,97 @@
+"""Stage ``train_clims``: the CLIMS network, initialised from ``train_cam``, trained with CLIP's supervision.
+
+The loss is the frozen-CLIP ``CLIPTextDrivenEvaluator`` of ``clims_loss`` (OTM + BTM + CBS + REG, Eq. 13); the
+``--variant`` picks the prompt preset (class names, backgrounds, CBS form, loss weights) and the schedule.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..context import StageContext, register_stage
+from ..data import IMAGENET_MEAN, IMAGENET_STD
+from ..networks import build_network
+from ..presets import TINY_CLIP_NAME
+from ..training import build_train_dataset, final_model_path, load_final_model, train_network
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def register_clip_configs(extra_config: str | None = None) -> None:
+    """Make the tiny CLIP config shipped with the examples (and an optional user JSON) known to open_clip."""
+    import open_clip
+
+    for path in (CONFIG_DIR / f"{TINY_CLIP_NAME}.json", *([Path(extra_config)] if extra_config else [])):
+        if not path.is_file():
+            raise FileNotFoundError(f"--clip-config: no such open_clip model config: {path}")
+        if path.stem not in open_clip.list_models():
+            open_clip.add_model_config(path)
+
+
+def build_evaluator(ctx: StageContext) -> Any:
+    import clims_loss as cl
+
+    clims_config = ctx.config.train_clims
+    register_clip_configs(getattr(ctx.args, "clip_config", None))
+    prompts = cl.BackgroundPromptRegistry.preset(clims_config.prompts)
+    if tuple(prompts.class_names) and len(prompts.class_names) != ctx.source.num_classes:
+        raise ValueError(
+            f"prompt preset {clims_config.prompts!r} has {len(prompts.class_names)} classes, the "
+            f"{ctx.config.dataset} data {ctx.source.num_classes}"
+        )
+    weights = cl.LossWeights(**clims_config.loss_weights) if clims_config.loss_weights else None
+    pretrained = None if clims_config.clip_pretrained in ("", "none", None) else clims_config.clip_pretrained
+    # Every rank builds the same CLIP: random weights (tests) are seeded identically.
+    torch.manual_seed(ctx.seed)
+    return cl.CLIPTextDrivenEvaluator.from_pretrained(
+        clims_config.clip,
+        pretrained=pretrained,
+        prompts=prompts,
+        weights=weights,
+        device=ctx.device,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    )
+
+
+@register_stage("train_clims", order=20, help="train the CLIMS network with the CLIP text-driven evaluator")
+def run(ctx: StageContext) -> None:
+    if final_model_path(ctx, "train_clims").exists() and not ctx.force:
+        ctx.print(
+            f"[train_clims] done already: {final_model_path(ctx, 'train_clims')} (use --force to retrain)"
+        )
+        return
+    dataset = build_train_dataset(ctx)
+    network_config = ctx.config.network
+    model = build_network("clims", network_config.backbone, "none", ctx.source.num_classes)
+    init_meta = load_final_model(final_model_path(ctx, "train_cam"), model)  # CLIMS starts from the CAM net
+    evaluator = build_evaluator(ctx)
+    ctx.logger("train_clims").log(
+        "evaluator",
+        prompts=ctx.config.train_clims.prompts,
+        weights=evaluator.weights.as_dict(),
+        clip=ctx.config.train_clims.clip,
+        clip_pretrained=ctx.config.train_clims.clip_pretrained,
+    )
+
+    def clims_loss(
+        network: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        maps = network(batch["image"]).float()
+        out = evaluator(batch["image"], maps, batch["label"])
+        return out.loss, {"otm": out.otm, "btm": out.btm, "cbs": out.cbs, "reg": out.reg}
+
+    meta = {
+        "init": {"steps": init_meta.get("steps")},
+        "prompts": ctx.config.train_clims.prompts,
+        "loss_weights": evaluator.weights.as_dict(),
+        "clip": ctx.config.train_clims.clip,
+        "clip_pretrained": ctx.config.train_clims.clip_pretrained,
+        "variant": ctx.config.variant,
+        "crop_size": ctx.config.data.crop_size,
+    }
+    train_network(ctx, "train_clims", model, dataset, ctx.config.train_clims.train, clims_loss, meta)

@@ -1,0 +1,242 @@
+"""The training loop shared by ``train_cam`` and ``train_clims`` (and later trainers).
+
+It handles what every trainer needs: DistributedDataParallel over ``torchrun`` ranks with a DistributedSampler
+(the configured batch is the *global* batch), per-step poly / cosine learning rates with a 10x head, mixed
+precision, tqdm progress, JSONL logs, a checkpoint at the end of every epoch and resuming from it.
+
+Resuming reproduces an uninterrupted run exactly: the data order is a function of ``(seed, epoch)`` and each
+sample's augmentation a function of ``(seed, epoch, index)``, so nothing depends on RNG state carried over
+time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from .context import StageContext
+from .data import EpochIndexSampler, TrainCropDataset
+from .distributed import all_reduce_sum, barrier
+from .files import save_torch
+from .networks import CAMNet
+from .presets import TrainConfig
+
+#: loss_fn(model, batch) -> (scalar loss, {name: scalar tensor} for logging)
+LossFunction = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+#: Test hook: SIGKILL this process right after the given (1-based) optimisation step, to test resuming.
+KILL_AT_STEP_ENV = "CLIMS_PIPELINE_TEST_KILL_AT_STEP"
+
+
+def learning_rate_factor(config: TrainConfig, step: int, total_steps: int) -> float:
+    progress = min(step / max(total_steps, 1), 1.0)
+    if config.schedule == "poly":
+        return (1.0 - progress) ** config.poly_power
+    if config.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"expected schedule 'poly' or 'cosine', got {config.schedule!r}")
+
+
+def autocast_context(device: torch.device, enabled: bool) -> torch.autocast:
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+def final_model_path(ctx: StageContext, stage: str) -> Path:
+    return ctx.workdir / stage / "model.pt"
+
+
+def load_final_model(path: Path, model: nn.Module) -> dict[str, Any]:
+    """Load a stage's ``model.pt`` into ``model``; return its metadata."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path}: run the stage that writes it first")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(payload["state_dict"])
+    return payload.get("meta", {})
+
+
+def train_network(
+    ctx: StageContext,
+    stage: str,
+    model: CAMNet,
+    dataset: TrainCropDataset,
+    config: TrainConfig,
+    loss_fn: LossFunction,
+    meta: dict[str, Any],
+) -> Path:
+    """Train ``model`` on ``dataset``; return the path of the final ``model.pt`` (skip if it exists)."""
+    out_dir = ctx.stage_dir(stage)
+    final_path = out_dir / "model.pt"
+    checkpoint_path = out_dir / "checkpoint.pt"
+    if final_path.exists() and not ctx.force:
+        ctx.print(f"[{stage}] done already: {final_path} (use --force to retrain)")
+        return final_path
+    if ctx.force and ctx.dist.is_main:
+        checkpoint_path.unlink(missing_ok=True)
+    barrier()
+
+    world, rank = ctx.dist.world_size, ctx.dist.rank
+    if config.batch_size % world:
+        raise ValueError(
+            f"{stage}: batch size {config.batch_size} (global) must divide evenly over {world} processes"
+        )
+    per_rank_batch = config.batch_size // world
+    steps_per_epoch = len(dataset) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{stage}: {len(dataset)} training images are fewer than one batch of {config.batch_size}"
+        )
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+
+    # DistributedSampler with drop_last + a per-rank DataLoader with drop_last: rank r's k-th batch is
+    # perm[k*B + r :: world][:B/world], so the ranks of one step together see exactly the global batch k.
+    sampler = EpochIndexSampler(
+        DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=ctx.seed, drop_last=True
+        )
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=per_rank_batch,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=ctx.config.data.num_workers,
+        pin_memory=ctx.device.type == "cuda",
+        persistent_workers=ctx.config.data.num_workers > 0,
+    )
+
+    model.to(ctx.device)
+    backbone_params, head_params = model.parameter_groups()
+    base_lrs = [config.lr, config.lr * config.head_lr_mult]
+    optimizer = torch.optim.SGD(
+        [{"params": backbone_params, "lr": base_lrs[0]}, {"params": head_params, "lr": base_lrs[1]}],
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp and ctx.device.type == "cuda")
+
+    fingerprint = {"train": asdict(config), "seed": ctx.seed, "world_size": world, **meta}
+    start_epoch, step = 0, 0
+    if checkpoint_path.exists():
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if checkpoint["fingerprint"] != fingerprint:
+            raise RuntimeError(
+                f"{checkpoint_path} was written with other settings ({checkpoint['fingerprint']}); "
+                f"rerun with --force to start {stage} over"
+            )
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+        ctx.print(f"[{stage}] resuming from {checkpoint_path} (epoch {start_epoch}, step {step})")
+
+    trained: nn.Module = model
+    if world > 1:
+        trained = DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
+    logger = ctx.logger(stage)
+    logger.log("start", step=step, total_steps=total_steps, global_batch=config.batch_size, world_size=world)
+    kill_at_step = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
+
+    model.train()
+    progress = tqdm(
+        total=total_steps, initial=step, desc=stage, disable=not ctx.dist.is_main, dynamic_ncols=True
+    )
+    epoch = start_epoch
+    while step < total_steps:
+        sampler.set_epoch(epoch)
+        running: dict[str, float] = {}
+        for batch in loader:
+            if step >= total_steps:
+                break
+            factor = learning_rate_factor(config, step, total_steps)
+            for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base_lr * factor
+            batch = {
+                key: value.to(ctx.device, non_blocking=True) if torch.is_tensor(value) else value
+                for key, value in batch.items()
+            }
+            with autocast_context(ctx.device, ctx.amp):
+                loss, parts = loss_fn(trained, batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            progress.update(1)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{stage}: non-finite loss {loss.item()} at step {step}")
+            for key, value in {"loss": loss, **parts}.items():
+                running[key] = running.get(key, 0.0) + float(value.detach())
+            if step % config.log_every == 0 or step == total_steps:
+                averaged = _average_over_ranks(
+                    running,
+                    config.log_every if step % config.log_every == 0 else step % config.log_every,
+                    ctx.device,
+                )
+                logger.log("train", step=step, epoch=epoch, lr=optimizer.param_groups[0]["lr"], **averaged)
+                progress.set_postfix(loss=f"{averaged['loss']:.4f}")
+                running = {}
+            if kill_at_step and step == kill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+        epoch += 1
+        if ctx.dist.is_main:
+            save_torch(
+                checkpoint_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                    "fingerprint": fingerprint,
+                },
+            )
+        logger.log("epoch_end", step=step, epoch=epoch)
+        barrier()
+    progress.close()
+
+    if ctx.dist.is_main:
+        save_torch(final_path, {"state_dict": model.state_dict(), "meta": {**fingerprint, "steps": step}})
+        checkpoint_path.unlink(missing_ok=True)
+    logger.log("done", step=step)
+    barrier()
+    ctx.print(f"[{stage}] wrote {final_path}")
+    return final_path
+
+
+def _average_over_ranks(sums: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
+    keys = sorted(sums)
+    totals = all_reduce_sum(torch.tensor([sums[key] for key in keys], dtype=torch.float64, device=device))
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return {key: float(total) / (count * world) for key, total in zip(keys, totals.tolist(), strict=True)}
+
+
+def build_train_dataset(ctx: StageContext) -> TrainCropDataset:
+    """Validate the training split (list, images, masks) and wrap it in the training augmentation."""
+    split = ctx.config.data.train_split
+    image_ids = ctx.source.validate(split, need_masks=False)
+    labels = ctx.labels(split)
+    return TrainCropDataset(
+        ctx.source,
+        image_ids,
+        labels,
+        resize_long=tuple(ctx.config.data.resize_long),
+        crop_size=ctx.config.data.crop_size,
+        seed=ctx.seed,
+    )

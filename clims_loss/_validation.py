@@ -62,7 +62,9 @@ class PendingChecks:
     def __init__(self, checks: Sequence[ValueCheck]) -> None:
         self.checks = list(checks)
         self.flags = (
-            torch.stack([ok.reshape(()).to(torch.bool) for _, ok, _, _ in self.checks]) if self.checks else None
+            torch.stack([ok.reshape(()).to(torch.bool) for _, ok, _, _ in self.checks])
+            if self.checks
+            else None
         )
 
     def raise_if_failed(self) -> None:
@@ -104,5 +106,5 @@ def binary_check(name: str, value: Tensor) -> ValueCheck:
         name,
         ((value == 0) | (value == 1)).all(),
         "to contain only 0 and 1 (multi-hot)",
-        lambda: f"values {sorted(set(value.unique().tolist()))[:8]}",
+        lambda: f"values {sorted(set(torch.unique(value).tolist()))[:8]}",
     )

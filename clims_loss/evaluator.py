@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,12 @@ from clims_loss.masking import check_evaluator_inputs, masked_views, positive_pa
 from clims_loss.prompts import BackgroundPromptRegistry
 
 __all__ = ["CLIPTextDrivenEvaluator", "EvaluatorOutput"]
+
+
+class _CLIPEncoders(Protocol):
+    def encode_image(self, image: Tensor) -> Tensor: ...
+
+    def encode_text(self, text: Tensor) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,9 @@ def _as_registry(prompts: BackgroundPromptRegistry | str) -> BackgroundPromptReg
     if isinstance(prompts, str):
         return BackgroundPromptRegistry.preset(prompts)
     if not isinstance(prompts, BackgroundPromptRegistry):
-        raise TypeError(f"expected prompts to be a BackgroundPromptRegistry or a preset name, got {prompts!r}")
+        raise TypeError(
+            f"expected prompts to be a BackgroundPromptRegistry or a preset name, got {prompts!r}"
+        )
     return prompts
 
 
@@ -105,7 +113,9 @@ class CLIPTextDrivenEvaluator(nn.Module):
         super().__init__()
         for method in ("encode_image", "encode_text"):
             if not callable(getattr(clip_model, method, None)):
-                raise TypeError(f"expected clip_model to have a callable {method}(), got {type(clip_model).__name__}")
+                raise TypeError(
+                    f"expected clip_model to have a callable {method}(), got {type(clip_model).__name__}"
+                )
         if max_views_per_forward is not None and max_views_per_forward < 1:
             raise ValueError(f"expected max_views_per_forward >= 1 or None, got {max_views_per_forward}")
         self.prompts = _as_registry(prompts)
@@ -128,15 +138,23 @@ class CLIPTextDrivenEvaluator(nn.Module):
         # A plain attribute, not a submodule: see the class docstring.
         self.__dict__["clip_model"] = clip_model
 
-        self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32), persistent=False)
-        self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32), persistent=False)
-        self.register_buffer("clip_mean", torch.tensor(clip_mean, dtype=torch.float32), persistent=False)
-        self.register_buffer("clip_std", torch.tensor(clip_std, dtype=torch.float32), persistent=False)
+        # Normalisation constants are kept in float64 and rounded to the images' dtype when used.
+        for buffer_name, values in (
+            ("image_mean", image_mean),
+            ("image_std", image_std),
+            ("clip_mean", clip_mean),
+            ("clip_std", clip_std),
+        ):
+            self.register_buffer(buffer_name, torch.tensor(values, dtype=torch.float64), persistent=False)
         self.register_buffer(
-            "class_pair_weights", torch.tensor(self.prompts.pair_weights(), dtype=torch.float32), persistent=False
+            "class_pair_weights",
+            torch.tensor(self.prompts.pair_weights(), dtype=torch.float32),
+            persistent=False,
         )
         self.register_buffer(
-            "background_mask", torch.tensor(self.prompts.background_mask(), dtype=torch.bool), persistent=False
+            "background_mask",
+            torch.tensor(self.prompts.background_mask(), dtype=torch.bool),
+            persistent=False,
         )
         if self.background_mask.numel() == 0:
             self.background_mask = self.background_mask.reshape(self.prompts.num_classes, 0)
@@ -179,7 +197,12 @@ class CLIPTextDrivenEvaluator(nn.Module):
 
     @property
     def clip_model(self) -> nn.Module:
-        return self.__dict__["clip_model"]  # type: ignore[no-any-return]
+        """The frozen CLIP (not a submodule; see the class docstring)."""
+        return cast(nn.Module, self.__dict__["clip_model"])
+
+    @property
+    def _encoders(self) -> _CLIPEncoders:
+        return cast(_CLIPEncoders, self.__dict__["clip_model"])
 
     @torch.no_grad()
     def _encode_prompts(self, tokenizer: Callable[[list[str]], Tensor], prompts: list[str]) -> Tensor:
@@ -202,7 +225,9 @@ class CLIPTextDrivenEvaluator(nn.Module):
                 f"got id {int(tokens.max())}"
             )
         device = next(iter(self._clip_tensors()), torch.empty(0)).device
-        embeddings = self.clip_model.encode_text(tokens.to(device)).float()
+        embeddings = self._encoders.encode_text(tokens.to(device))
+        # At least float32, so half-precision encoders still give precise similarities.
+        embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
         return nn.functional.normalize(embeddings, dim=-1)
 
     def _clip_tensors(self) -> Iterator[Tensor]:
@@ -212,8 +237,8 @@ class CLIPTextDrivenEvaluator(nn.Module):
     # ------------------------------------------------------------------------------ module plumbing
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> CLIPTextDrivenEvaluator:  # type: ignore[override]
         # .to()/.cuda()/.double() must reach CLIP although it is not a submodule.
-        self.clip_model._apply(fn)
-        super()._apply(fn, recurse)
+        self.clip_model._apply(fn)  # type: ignore[no-untyped-call]
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         return self
 
     def train(self, mode: bool = True) -> CLIPTextDrivenEvaluator:
@@ -230,14 +255,15 @@ class CLIPTextDrivenEvaluator(nn.Module):
         """
         cap = self.max_views_per_forward
         if cap is None or views.shape[0] <= cap:
-            features = self.clip_model.encode_image(views)
+            features = self._encoders.encode_image(views)
         else:
             # Checkpointing each chunk frees its activations until backward, so memory stays flat.
+            encode = self._encoders.encode_image
             chunks = [
-                checkpoint(self.clip_model.encode_image, chunk, use_reentrant=False)
+                checkpoint(encode, chunk, use_reentrant=False)
                 if torch.is_grad_enabled() and chunk.requires_grad
-                else self.clip_model.encode_image(chunk)
-                for chunk in views.split(cap)
+                else encode(chunk)
+                for chunk in torch.split(views, cap)
             ]
             features = torch.cat(chunks)
         return nn.functional.normalize(features.to(self.text_embeddings.dtype), dim=-1)
@@ -259,8 +285,8 @@ class CLIPTextDrivenEvaluator(nn.Module):
             )
         if images.device != self.text_embeddings.device:
             raise ValueError(
-                f"expected images on the evaluator's device {self.text_embeddings.device}, got {images.device}; "
-                "move the evaluator with .to(device)"
+                f"expected images on the evaluator's device {self.text_embeddings.device}, "
+                f"got {images.device}; move the evaluator with .to(device)"
             )
         batch_index, class_index = positive_pairs(labels)
         pending.raise_if_failed()
@@ -298,16 +324,36 @@ class CLIPTextDrivenEvaluator(nn.Module):
         prompt_mask = self.background_mask[class_index]
         pair_weights = self.class_pair_weights[class_index]
 
-        settings = dict(eps=self.prompts.eps, similarity=self.prompts.similarity, validate=False)
-        otm = otm_loss(sim_fg_text, pair_weights, reduction=self.prompts.pair_reduction, **settings)
-        btm = btm_loss(sim_bg_text, pair_weights, reduction=self.prompts.pair_reduction, **settings)
+        eps, similarity, pair_reduction = (
+            self.prompts.eps,
+            self.prompts.similarity,
+            self.prompts.pair_reduction,
+        )
+        otm = otm_loss(
+            sim_fg_text,
+            pair_weights,
+            eps=eps,
+            similarity=similarity,
+            reduction=pair_reduction,
+            validate=False,
+        )
+        btm = btm_loss(
+            sim_bg_text,
+            pair_weights,
+            eps=eps,
+            similarity=similarity,
+            reduction=pair_reduction,
+            validate=False,
+        )
         cbs = cbs_loss(
             sim_fg_bgtext,
             prompt_mask,
             threshold=self.prompts.cbs_threshold,
             prompt_reduction=self.prompts.cbs_prompt_reduction,
+            eps=eps,
+            similarity=similarity,
             reduction=self.prompts.cbs_reduction,
-            **settings,
+            validate=False,
         )
         reg = reg_loss(cams, labels, positive_only=self.prompts.reg_positive_only, validate=False)
         # Terms switched off by a zero weight are exact zeros (no encoder pass was spent on them).

@@ -79,9 +79,7 @@ def reduce_loss(loss: Tensor, reduction: str) -> Tensor:
     return loss.sum() / max(loss.numel(), 1)
 
 
-def similarity_to_probability(
-    similarity: Tensor, *, mode: str = "clamp", eps: float = DEFAULT_EPS
-) -> Tensor:
+def similarity_to_probability(similarity: Tensor, *, mode: str = "clamp", eps: float = DEFAULT_EPS) -> Tensor:
     """Map cosine similarities into ``[eps, 1 - eps]`` so that both logs of the paper are finite.
 
     >>> similarity_to_probability(torch.tensor([-0.5, 0.3, 1.0]))

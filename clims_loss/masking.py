@@ -93,7 +93,9 @@ def check_evaluator_inputs(images: object, cams: object, labels: object, *, vali
     check_rank("cams", cams, 4, "(B, K, h, w)")
     check_rank("labels", labels, 2, "(B, K)")
     if images.shape[1] != 3:
-        raise ValueError(f"expected images of shape (B, 3, H, W) with 3 RGB channels, got {tuple(images.shape)}")
+        raise ValueError(
+            f"expected images of shape (B, 3, H, W) with 3 RGB channels, got {tuple(images.shape)}"
+        )
     check_floating("images", images)
     check_floating("cams", cams)
     if labels.shape != cams.shape[:2]:

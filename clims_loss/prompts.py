@@ -67,7 +67,8 @@ _COCO_OFFICIAL_BACKGROUNDS = (
 
 
 def _unknown(kind: str, name: str, known: Iterable[str]) -> KeyError:
-    return KeyError(f"unknown {kind} {name!r}; known {kind}s: {', '.join(sorted(known))}")
+    plural = "classes" if kind == "class" else f"{kind}s"
+    return KeyError(f"unknown {kind} {name!r}; known {plural}: {', '.join(sorted(known))}")
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,9 @@ class BackgroundPromptRegistry:
         object.__setattr__(
             self, "class_backgrounds", {str(k): tuple(v) for k, v in dict(self.class_backgrounds).items()}
         )
-        object.__setattr__(self, "class_weights", {str(k): float(v) for k, v in dict(self.class_weights).items()})
+        object.__setattr__(
+            self, "class_weights", {str(k): float(v) for k, v in dict(self.class_weights).items()}
+        )
         if isinstance(self.weights, Mapping):
             object.__setattr__(self, "weights", LossWeights(**self.weights))
         self._validate()
@@ -153,7 +156,10 @@ class BackgroundPromptRegistry:
     # ----------------------------------------------------------------------------- presets
     @classmethod
     def register(
-        cls, name: str, factory: BackgroundPromptRegistry | Callable[[], BackgroundPromptRegistry], *,
+        cls,
+        name: str,
+        factory: BackgroundPromptRegistry | Callable[[], BackgroundPromptRegistry],
+        *,
         overwrite: bool = False,
     ) -> None:
         """Make ``preset(name)`` return ``factory`` (a registry, or a function building one)."""
@@ -165,7 +171,9 @@ class BackgroundPromptRegistry:
         elif callable(factory):
             cls._presets[name] = factory
         else:
-            raise TypeError(f"expected a BackgroundPromptRegistry or a callable, got {type(factory).__name__}")
+            raise TypeError(
+                f"expected a BackgroundPromptRegistry or a callable, got {type(factory).__name__}"
+            )
 
     @classmethod
     def available_presets(cls) -> list[str]:

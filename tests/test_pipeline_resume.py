@@ -1,0 +1,65 @@
+"""Kill a training stage mid-epoch (SIGKILL), rerun it: it resumes from the last epoch checkpoint and ends
+with exactly the parameters of an uninterrupted run with the same seed."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from pipeline_helpers import load_state, make_mini_voc, run_subprocess
+
+# 16 images, batch 8: 2 steps per epoch, 3 epochs. The kill lands after step 3, in the middle of epoch 2.
+TRAIN = [
+    "--stages",
+    "train_cam",
+    "--preset",
+    "smoke",
+    "--epochs-cam",
+    "3",
+    "--set",
+    "train_cam.batch_size=8",
+    "--set",
+    "data.crop_size=48",
+    "--seed",
+    "5",
+]
+KILL_ENV = {"CLIMS_PIPELINE_TEST_KILL_AT_STEP": "3"}
+
+
+@pytest.fixture(scope="module")
+def mini_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_mini_voc(tmp_path_factory.mktemp("mini_voc"), train=16, val=2)
+
+
+def test_killed_training_resumes_to_the_uninterrupted_result(mini_voc: Path, tmp_path: Path) -> None:
+    reference = run_subprocess(["--voc-root", mini_voc, "--workdir", tmp_path / "reference", *TRAIN])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    workdir = tmp_path / "killed"
+    killed = run_subprocess(["--voc-root", mini_voc, "--workdir", workdir, *TRAIN], env=KILL_ENV)
+    assert killed.returncode == -signal.SIGKILL
+    assert (workdir / "train_cam" / "checkpoint.pt").is_file()
+    assert not (workdir / "train_cam" / "model.pt").exists()
+    assert not list((workdir / "train_cam").glob(".*partial"))  # no half-written file left behind
+
+    resumed = run_subprocess(["--voc-root", mini_voc, "--workdir", workdir, *TRAIN])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "(epoch 1, step 2)" in resumed.stdout
+
+    expected = load_state(tmp_path / "reference" / "train_cam" / "model.pt")
+    actual = load_state(workdir / "train_cam" / "model.pt")
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, atol=1e-6, rtol=0, msg=f"parameter {key} differs")
+
+
+def test_checkpoint_from_other_settings_is_refused(mini_voc: Path, tmp_path: Path) -> None:
+    workdir = tmp_path / "w"
+    killed = run_subprocess(["--voc-root", mini_voc, "--workdir", workdir, *TRAIN], env=KILL_ENV)
+    assert killed.returncode == -signal.SIGKILL
+    changed = run_subprocess(
+        ["--voc-root", mini_voc, "--workdir", workdir, *TRAIN, "--set", "train_cam.lr=0.5"]
+    )
+    assert changed.returncode != 0
+    assert "--force" in changed.stderr

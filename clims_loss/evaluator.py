@@ -71,10 +71,12 @@ class CLIPTextDrivenEvaluator(nn.Module):
             deliberately *not* registered as a submodule: it stays out of ``parameters()`` and
             ``state_dict()`` of any model the evaluator is put into, yet follows ``.to()``.
         tokenizer: ``tokenizer(list_of_str) -> LongTensor`` matching ``clip_model``.
-        prompts: a :class:`BackgroundPromptRegistry` or a preset name (default ``"voc"``).
+        prompts: a `BackgroundPromptRegistry` or a preset name (default ``"voc"``).
         weights: ``alpha, beta, gamma, delta``; defaults to ``prompts.weights``.
-        image_mean, image_std: how the images passed to ``forward`` are normalised.
-        clip_mean, clip_std: CLIP's own normalisation (used by ``masking="pixel"``).
+        image_mean: per-channel mean with which the images passed to ``forward`` are normalised.
+        image_std: per-channel std with which the images passed to ``forward`` are normalised.
+        clip_mean: CLIP's own input mean (used by ``masking="pixel"``).
+        clip_std: CLIP's own input std (used by ``masking="pixel"``).
         input_size: CLIP's input side; read from ``clip_model.visual.image_size`` when ``None``.
         masking: overrides ``prompts.masking`` (``"pixel"`` or ``"pass_through"``).
         max_views_per_forward: cap on the views encoded at once. With a cap, the encoder runs in
@@ -180,7 +182,7 @@ class CLIPTextDrivenEvaluator(nn.Module):
         cache_dir: str | None = None,
         **kwargs: Any,
     ) -> CLIPTextDrivenEvaluator:
-        """Build the evaluator around an open_clip model (see :func:`clims_loss.load_open_clip`).
+        """Build the evaluator around an open_clip model (see `clims_loss.load_open_clip`).
 
         ``pretrained`` is an open_clip tag (``"openai"``: QuickGELU is set for you), a local
         checkpoint file, or ``None`` for random weights. ``kwargs`` go to the constructor; CLIP's

@@ -14,7 +14,7 @@ Cosine similarities inside logarithms
 The paper writes ``log s`` and ``log(1 - s)`` of a cosine similarity ``s``, which lies in
 ``[-1, 1]``: ``log s`` is undefined for ``s <= 0`` and ``log(1 - s)`` for ``s >= 1``. Such values are
 real (a randomly initialised or fine-tuned CLIP produces them), so every loss first maps ``s`` to a
-probability-like ``p`` in ``[eps, 1 - eps]`` with :func:`similarity_to_probability`:
+probability-like ``p`` in ``[eps, 1 - eps]`` with `similarity_to_probability`:
 
 * ``similarity="clamp"`` (default, as the official improved code): ``p = clamp(s, eps, 1 - eps)``.
   Inside the interval nothing changes; outside it the loss saturates and its gradient is zero.
@@ -129,7 +129,8 @@ def otm_loss(
     Args:
         sim_fg_text: ``(N,)`` cosine similarity of each pair's foreground view with its class prompt.
         weights: optional ``(N,)`` per-pair weights (the camera-ready code weights some classes 3x).
-        eps, similarity: how similarities enter the log (see the module docs).
+        eps: similarities are clamped to ``[eps, 1 - eps]`` inside the log (see the module docs).
+        similarity: ``"clamp"`` or ``"affine"`` (see the module docs).
         reduction: ``"none"`` -> ``(N,)``; ``"mean"`` over pairs (the official code); ``"sum"`` (Eq. 6).
         validate: check the values for NaN/inf (one host-device sync).
 
@@ -156,7 +157,11 @@ def btm_loss(
 
     Args:
         sim_bg_text: ``(N,)`` cosine similarity of each pair's background view with its class prompt.
-        weights, eps, similarity, reduction, validate: as :func:`otm_loss`.
+        weights: optional ``(N,)`` per-pair weights.
+        eps: as `otm_loss`.
+        similarity: as `otm_loss`.
+        reduction: as `otm_loss`.
+        validate: as `otm_loss`.
 
     >>> btm_loss(torch.tensor([0.5, 0.0]), reduction="sum")
     tensor(0.6932)
@@ -196,7 +201,9 @@ def cbs_loss(
         prompt_reduction: ``"sum"`` (Eq. 10) or ``"mean"`` over the pair's prompts (masked mean;
             a pair without prompts contributes 0).
         reduction: over pairs: ``"none"`` -> ``(N,)``, ``"mean"`` or ``"sum"``.
-        eps, similarity, validate: as :func:`otm_loss`.
+        eps: as `otm_loss`.
+        similarity: as `otm_loss`.
+        validate: as `otm_loss`.
 
     >>> sims = torch.tensor([[0.2, 0.5], [0.3, 0.1]])
     >>> cbs_loss(sims, threshold=0.26, reduction="none")

@@ -150,13 +150,15 @@ def masked_views(
         labels: ``(B, K)`` multi-hot labels; their non-zero entries are the positive pairs.
         size: CLIP's input side ``S``.
         mode: ``"pixel"`` or ``"pass_through"`` (see the module docs).
-        image_mean, image_std: how ``images`` are normalised (ignored by ``"pass_through"``).
-        clip_mean, clip_std: CLIP's input normalisation (ignored by ``"pass_through"``).
-        pairs: precomputed :func:`positive_pairs` of ``labels``, to skip finding them again.
+        image_mean: per-channel mean of the normalisation of ``images`` (ignored by ``"pass_through"``).
+        image_std: per-channel std of the normalisation of ``images`` (ignored by ``"pass_through"``).
+        clip_mean: CLIP's input mean (ignored by ``"pass_through"``).
+        clip_std: CLIP's input std (ignored by ``"pass_through"``).
+        pairs: precomputed `positive_pairs` of ``labels``, to skip finding them again.
         validate: check for NaN, maps outside ``[0, 1]`` and non-binary labels.
 
     Returns:
-        :class:`MaskedViews` with ``views`` of shape ``(2N, 3, S, S)`` and the pairs' indices.
+        `MaskedViews` with ``views`` of shape ``(2N, 3, S, S)`` and the pairs' indices.
 
     >>> images = torch.zeros(2, 3, 32, 32)
     >>> cams = torch.rand(2, 4, 8, 8)

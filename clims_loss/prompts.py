@@ -1,6 +1,6 @@
 """Class names, prompt templates, co-occurring background prompts and the loss settings of a variant.
 
-A :class:`BackgroundPromptRegistry` is everything about a CLIMS run that is words or numbers rather
+A `BackgroundPromptRegistry` is everything about a CLIMS run that is words or numbers rather
 than tensors: which classes exist and how they are written, which backgrounds each class is not
 allowed to cover, and how the four losses are weighted and reduced. Presets reproduce the paper and
 both official code versions; ``register`` adds your own.
@@ -90,8 +90,8 @@ class BackgroundPromptRegistry:
         pair_reduction: ``"mean"`` or ``"sum"`` of the OTM and BTM losses over pairs.
         class_weights: class name -> per-pair weight of OTM and BTM (others weigh 1).
         reg_positive_only: regularise only the maps of present classes.
-        masking: ``"pixel"`` or ``"pass_through"`` (see :mod:`clims_loss.masking`).
-        similarity, eps: how similarities enter the logs (see :mod:`clims_loss.functional`).
+        masking: ``"pixel"`` or ``"pass_through"`` (see `clims_loss.masking`).
+        similarity, eps: how similarities enter the logs (see `clims_loss.functional`).
 
     >>> registry = BackgroundPromptRegistry.preset("voc")
     >>> registry.object_prompts()[3], registry.backgrounds_for("boat")
@@ -214,7 +214,7 @@ class BackgroundPromptRegistry:
         return terms
 
     def background_prompts(self) -> list[str]:
-        """The ``L`` distinct background prompts, in the order of :meth:`background_terms`."""
+        """The ``L`` distinct background prompts, in the order of `background_terms`."""
         return [self.background_template.format(term) for term in self.background_terms()]
 
     def background_mask(self) -> list[list[bool]]:

@@ -169,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{config.variant} | {config.dataset} | device {device} | processes {dist_info.world_size} | "
             f"workdir {ctx.workdir}"
         )
+        # Check every input the selected stages will read before the first one starts.
+        for stage in selected:
+            if stage.preflight is not None:
+                stage.preflight(ctx)
         for stage in selected:
             started = time.perf_counter()
             stage.run(ctx)

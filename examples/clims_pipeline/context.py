@@ -38,18 +38,21 @@ class Stage:
     order: float
     help: str
     run: Callable[[StageContext], None]
+    #: Checks the stage's inputs (e.g. ``ctx.validate_split(...)``); the preflights of all selected stages run
+    #: before the first stage starts, so a broken dataset stops the pipeline before any training.
+    preflight: Callable[[StageContext], None] | None = None
 
 
 STAGES: dict[str, Stage] = {}
 
 
 def register_stage(
-    name: str, order: float, help: str
+    name: str, order: float, help: str, preflight: Callable[[StageContext], None] | None = None
 ) -> Callable[[Callable[[StageContext], None]], Callable[[StageContext], None]]:
     def decorator(function: Callable[[StageContext], None]) -> Callable[[StageContext], None]:
         if name in STAGES:
             raise ValueError(f"stage {name!r} is registered twice")
-        STAGES[name] = Stage(name=name, order=order, help=help, run=function)
+        STAGES[name] = Stage(name=name, order=order, help=help, run=function, preflight=preflight)
         return function
 
     return decorator
@@ -121,6 +124,7 @@ class StageContext:
     force: bool = False
     requested_stages: list[str] = field(default_factory=list)
     _loggers: dict[str, RunLogger] = field(default_factory=dict)
+    _validated: dict[tuple[str, bool, bool], list[str]] = field(default_factory=dict)
 
     @property
     def results_path(self) -> Path:
@@ -143,6 +147,14 @@ class StageContext:
             getattr(self.args, "coco_root", None),
             self.cache_dir,
         )
+
+    def validate_split(self, split: str, need_masks: bool = False, need_labels: bool = False) -> list[str]:
+        """The ids of a split after checking its list, images and masks or label sources (see
+        ``SegmentationSource.validate``); each check runs once per pipeline run."""
+        key = (split, need_masks, need_labels)
+        if key not in self._validated:
+            self._validated[key] = self.source.validate(split, need_masks=need_masks, need_labels=need_labels)
+        return self._validated[key]
 
     def labels(self, split: str) -> dict[str, list[int]]:
         """Image-level labels of a split; the main rank derives and caches them, the others read the cache."""

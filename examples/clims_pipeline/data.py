@@ -139,10 +139,11 @@ class SegmentationSource(ABC):
     def load_mask(self, image_id: str) -> np.ndarray:
         return load_index_mask(self.mask_path(image_id))
 
-    def validate(self, split: str, need_masks: bool) -> list[str]:
-        """Check that a split's list, images (and masks) exist and open; return its ids.
+    def validate(self, split: str, need_masks: bool = False, need_labels: bool = False) -> list[str]:
+        """Check that a split's list and images exist and open, and its masks (``need_masks``) or whatever its
+        image-level labels come from (``need_labels``); return its ids.
 
-        Only headers are read (cheap even for 10k files); pixel data errors are reported by name when decoded.
+        Only headers are read (cheap even for 10k files); pixel-data errors are reported by name when decoded.
         """
         image_ids = self.ids(split)
         if not image_ids:
@@ -151,9 +152,18 @@ class SegmentationSource(ABC):
             with open_image_checked(self.image_path(image_id), "image"):
                 pass
             if need_masks:
-                with open_image_checked(self.mask_path(image_id), "mask"):
-                    pass
+                self.check_mask(image_id)
+            elif need_labels:
+                self.check_label_source(image_id)
         return image_ids
+
+    def check_mask(self, image_id: str) -> None:
+        with open_image_checked(self.mask_path(image_id), "mask"):
+            pass
+
+    def check_label_source(self, image_id: str) -> None:
+        """Image-level labels come from the mask unless a subclass says otherwise."""
+        self.check_mask(image_id)
 
     def labels(self, split: str, cache_dir: Path | None) -> dict[str, list[int]]:
         """Image-level labels of a split, derived once and cached as JSON in ``cache_dir``."""
@@ -225,6 +235,14 @@ class VOCSource(SegmentationSource):
             return official
         augmented = self.root / "SegmentationClassAug" / f"{image_id}.png"
         return augmented if augmented.is_file() or not official.parent.is_dir() else official
+
+    def check_label_source(self, image_id: str) -> None:
+        if (
+            not self.mask_path(image_id).is_file()
+            and (self.root / "Annotations" / f"{image_id}.xml").is_file()
+        ):
+            return
+        self.check_mask(image_id)
 
     def compute_labels(self, image_id: str) -> list[int]:
         mask_path = self.mask_path(image_id)
@@ -344,6 +362,13 @@ class COCOSource(SegmentationSource):
             )
             mask[pixels] = value
         return mask
+
+    def check_mask(self, image_id: str) -> None:
+        """Masks are rendered from the annotation file on first use; checking would render all of them."""
+        self._annotations(image_id)
+
+    def check_label_source(self, image_id: str) -> None:
+        self._annotations(image_id)
 
     def compute_labels(self, image_id: str) -> list[int]:
         _, annotations = self._annotations(image_id)

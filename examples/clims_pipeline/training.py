@@ -227,10 +227,14 @@ def _average_over_ranks(sums: dict[str, float], count: int, device: torch.device
     return {key: float(total) / (count * world) for key, total in zip(keys, totals.tolist(), strict=True)}
 
 
+def check_training_data(ctx: StageContext) -> None:
+    ctx.validate_split(ctx.config.data.train_split, need_labels=True)
+
+
 def build_train_dataset(ctx: StageContext) -> TrainCropDataset:
     """Validate the training split (list, images, masks) and wrap it in the training augmentation."""
     split = ctx.config.data.train_split
-    image_ids = ctx.source.validate(split, need_masks=False)
+    image_ids = ctx.validate_split(split, need_labels=True)
     labels = ctx.labels(split)
     return TrainCropDataset(
         ctx.source,

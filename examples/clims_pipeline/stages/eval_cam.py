@@ -43,15 +43,22 @@ def foreground_prediction(cam: dict[str, np.ndarray]) -> tuple[np.ndarray, np.nd
     return np.asarray(cam["keys"], dtype=np.int64)[winner] + 1, maps.max(axis=0)
 
 
+def check_eval_inputs(ctx: StageContext) -> None:
+    ctx.validate_split(ctx.config.data.eval_split, need_masks=True)
+
+
 @register_stage(
-    "eval_cam", order=40, help="CAM mIoU with a background-threshold sweep, per-class table, overlays"
+    "eval_cam",
+    order=40,
+    help="CAM mIoU with a background-threshold sweep, per-class table, overlays",
+    preflight=check_eval_inputs,
 )
 def run(ctx: StageContext) -> None:
     config = ctx.config.eval_cam
     source = resolve_cam_source(ctx)
     cam_dir = cam_directory(ctx, source)
     split = ctx.config.data.eval_split
-    image_ids = ctx.source.validate(split, need_masks=True)
+    image_ids = ctx.validate_split(split, need_masks=True)
     thresholds = np.round(
         np.arange(
             config.threshold_min, config.threshold_max + config.threshold_step / 2, config.threshold_step

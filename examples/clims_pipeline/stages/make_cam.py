@@ -56,7 +56,7 @@ def cam_image_ids(ctx: StageContext) -> list[str]:
     splits = [ctx.config.data.train_split, ctx.config.data.eval_split, *ctx.config.make_cam.splits]
     ids: dict[str, None] = {}
     for split in dict.fromkeys(splits):
-        ids.update(dict.fromkeys(ctx.source.validate(split, need_masks=False)))
+        ids.update(dict.fromkeys(ctx.validate_split(split, need_labels=True)))
     return list(ids)
 
 
@@ -126,7 +126,16 @@ def same_size_batches(sizes: list[tuple[int, int]], batch_size: int) -> Iterator
         yield batch
 
 
-@register_stage("make_cam", order=30, help="multi-scale + flip CAM inference (npy per image)")
+def check_cam_inputs(ctx: StageContext) -> None:
+    cam_image_ids(ctx)
+    source = resolve_cam_source(ctx)
+    if not final_model_path(ctx, source).exists() and source not in ctx.requested_stages:
+        raise FileNotFoundError(f"make_cam reads {final_model_path(ctx, source)}; run stage {source} first")
+
+
+@register_stage(
+    "make_cam", order=30, help="multi-scale + flip CAM inference (npy per image)", preflight=check_cam_inputs
+)
 def run(ctx: StageContext) -> None:
     config = ctx.config.make_cam
     if not config.scales:

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..context import StageContext, register_stage
 from ..networks import build_network
-from ..training import build_train_dataset, train_network
+from ..training import build_train_dataset, check_training_data, train_network
 
 
 def multilabel_loss(
@@ -19,7 +19,10 @@ def multilabel_loss(
 
 
 @register_stage(
-    "train_cam", order=10, help="train the baseline CAM network (GAP + multilabel soft-margin loss)"
+    "train_cam",
+    order=10,
+    help="train the baseline CAM network (GAP + multilabel soft-margin loss)",
+    preflight=check_training_data,
 )
 def run(ctx: StageContext) -> None:
     dataset = build_train_dataset(ctx)

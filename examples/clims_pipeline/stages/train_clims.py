@@ -16,7 +16,13 @@ from ..context import StageContext, register_stage
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..networks import build_network
 from ..presets import TINY_CLIP_NAME
-from ..training import build_train_dataset, final_model_path, load_final_model, train_network
+from ..training import (
+    build_train_dataset,
+    check_training_data,
+    final_model_path,
+    load_final_model,
+    train_network,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -58,7 +64,12 @@ def build_evaluator(ctx: StageContext) -> Any:
     )
 
 
-@register_stage("train_clims", order=20, help="train the CLIMS network with the CLIP text-driven evaluator")
+@register_stage(
+    "train_clims",
+    order=20,
+    help="train the CLIMS network with the CLIP text-driven evaluator",
+    preflight=check_training_data,
+)
 def run(ctx: StageContext) -> None:
     if final_model_path(ctx, "train_clims").exists() and not ctx.force:
         ctx.print(

@@ -8,15 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clims_pipeline.data import (
-    COCOSource,
-    DatasetError,
-    TrainCropDataset,
-    VOCSource,
-    load_index_mask,
-)
 from PIL import Image
-from pipeline_helpers import make_mini_voc, require_voc_sample, run_cli
+from pipeline_helpers import make_mini_voc, require_voc_sample, run_cli  # puts examples/ on sys.path
+
+# isort: split
+from clims_pipeline.data import COCOSource, DatasetError, TrainCropDataset, VOCSource, load_index_mask
 
 TRAIN_ONLY = ["--stages", "train_cam", "--preset", "smoke", "--epochs-cam", "1"]
 

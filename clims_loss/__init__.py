@@ -19,6 +19,7 @@ from clims_loss.functional import (
     similarity_to_probability,
 )
 from clims_loss.masking import MaskedViews, masked_views, positive_pairs
+from clims_loss.mining import DEFAULT_BACKGROUND_VOCABULARY, BackgroundScore, mine_backgrounds
 from clims_loss.prompts import COCO_CLASSES, VOC_CLASSES, BackgroundPromptRegistry
 
 __version__ = "0.1.0"
@@ -27,12 +28,14 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "COCO_CLASSES",
+    "DEFAULT_BACKGROUND_VOCABULARY",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "UNIT_MEAN",
     "UNIT_STD",
     "VOC_CLASSES",
     "BackgroundPromptRegistry",
+    "BackgroundScore",
     "CLIPTextDrivenEvaluator",
     "EvaluatorOutput",
     "LossWeights",
@@ -43,6 +46,7 @@ __all__ = [
     "combine_losses",
     "load_open_clip",
     "masked_views",
+    "mine_backgrounds",
     "otm_loss",
     "positive_pairs",
     "reduce_loss",

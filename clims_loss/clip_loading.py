@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-__all__ = ["clip_input_size", "clip_normalization", "load_open_clip"]
+__all__ = ["CLIPEncoders", "clip_input_size", "clip_normalization", "load_open_clip"]
+
+
+class CLIPEncoders(Protocol):
+    """What the evaluator needs of a CLIP: two encoders returning ``(n, D)`` embeddings."""
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor: ...
 
 
 def _open_clip() -> Any:

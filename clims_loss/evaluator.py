@@ -5,25 +5,19 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from clims_loss.clip_loading import clip_input_size, load_open_clip
+from clims_loss.clip_loading import CLIPEncoders, clip_input_size, load_open_clip
 from clims_loss.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from clims_loss.functional import LossWeights, btm_loss, cbs_loss, combine_losses, otm_loss, reg_loss
 from clims_loss.masking import check_evaluator_inputs, masked_views, positive_pairs
 from clims_loss.prompts import BackgroundPromptRegistry
 
 __all__ = ["CLIPTextDrivenEvaluator", "EvaluatorOutput"]
-
-
-class _CLIPEncoders(Protocol):
-    def encode_image(self, image: Tensor) -> Tensor: ...
-
-    def encode_text(self, text: Tensor) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -203,8 +197,8 @@ class CLIPTextDrivenEvaluator(nn.Module):
         return cast(nn.Module, self.__dict__["clip_model"])
 
     @property
-    def _encoders(self) -> _CLIPEncoders:
-        return cast(_CLIPEncoders, self.__dict__["clip_model"])
+    def _encoders(self) -> CLIPEncoders:
+        return cast(CLIPEncoders, self.__dict__["clip_model"])
 
     @torch.no_grad()
     def _encode_prompts(self, tokenizer: Callable[[list[str]], Tensor], prompts: list[str]) -> Tensor:

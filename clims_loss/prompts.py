@@ -91,7 +91,11 @@ class BackgroundPromptRegistry:
         class_weights: class name -> per-pair weight of OTM and BTM (others weigh 1).
         reg_positive_only: regularise only the maps of present classes.
         masking: ``"pixel"`` or ``"pass_through"`` (see `clims_loss.masking`).
-        similarity, eps: how similarities enter the logs (see `clims_loss.functional`).
+        similarity: how similarities enter the logs, ``"clamp"`` or ``"affine"``
+            (see `clims_loss.functional`).
+        eps: similarities enter the logs clamped to ``[eps, 1 - eps]``.
+        background_scores: optional class name -> one score per term of ``class_backgrounds``
+            (written by `clims_loss.mine_backgrounds`; informative only).
 
     >>> registry = BackgroundPromptRegistry.preset("voc")
     >>> registry.object_prompts()[3], registry.backgrounds_for("boat")
@@ -114,6 +118,7 @@ class BackgroundPromptRegistry:
     masking: str = "pixel"
     similarity: str = "clamp"
     eps: float = DEFAULT_EPS
+    background_scores: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     _presets: ClassVar[dict[str, Callable[[], BackgroundPromptRegistry]]] = {}
 
@@ -126,6 +131,11 @@ class BackgroundPromptRegistry:
         )
         object.__setattr__(
             self, "class_weights", {str(k): float(v) for k, v in dict(self.class_weights).items()}
+        )
+        object.__setattr__(
+            self,
+            "background_scores",
+            {str(k): tuple(float(x) for x in v) for k, v in dict(self.background_scores).items()},
         )
         if isinstance(self.weights, Mapping):
             object.__setattr__(self, "weights", LossWeights(**self.weights))
@@ -145,6 +155,13 @@ class BackgroundPromptRegistry:
             for class_name in getattr(self, mapping_name):
                 if class_name not in self.class_names:
                     raise _unknown("class", class_name, self.class_names)
+        for class_name, scores in self.background_scores.items():
+            terms = self.class_backgrounds.get(class_name, ())
+            if len(scores) != len(terms):
+                raise ValueError(
+                    f"expected background_scores[{class_name!r}] to hold one score per background term "
+                    f"({len(terms)}), got {len(scores)}"
+                )
         check_choice("cbs_prompt_reduction", self.cbs_prompt_reduction, ("mean", "sum"))
         check_choice("cbs_reduction", self.cbs_reduction, ("mean", "sum"))
         check_choice("pair_reduction", self.pair_reduction, ("mean", "sum"))
@@ -240,6 +257,7 @@ class BackgroundPromptRegistry:
         data["class_names"] = list(self.class_names)
         data["global_backgrounds"] = list(self.global_backgrounds)
         data["class_backgrounds"] = {k: list(v) for k, v in self.class_backgrounds.items()}
+        data["background_scores"] = {k: list(v) for k, v in self.background_scores.items()}
         return data
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:

@@ -63,3 +63,41 @@ def test_checkpoint_from_other_settings_is_refused(mini_voc: Path, tmp_path: Pat
     )
     assert changed.returncode != 0
     assert "--force" in changed.stderr
+
+
+@pytest.mark.slow
+def test_killed_clims_training_resumes_to_the_uninterrupted_result(mini_voc: Path, tmp_path: Path) -> None:
+    clims = [
+        "--preset",
+        "smoke",
+        "--epochs-cam",
+        "1",
+        "--epochs-clims",
+        "2",
+        "--set",
+        "train_cam.batch_size=8",
+        "--set",
+        "train_clims.train.batch_size=8",
+        "--set",
+        "data.crop_size=48",
+        "--seed",
+        "5",
+    ]
+    for name in ("reference", "killed"):
+        base = run_subprocess(
+            ["--voc-root", mini_voc, "--workdir", tmp_path / name, "--stages", "train_cam", *clims]
+        )
+        assert base.returncode == 0, base.stderr[-3000:]
+    stages = ["--stages", "train_clims"]
+    reference = run_subprocess(["--voc-root", mini_voc, "--workdir", tmp_path / "reference", *stages, *clims])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = run_subprocess(
+        ["--voc-root", mini_voc, "--workdir", tmp_path / "killed", *stages, *clims], env=KILL_ENV
+    )
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_subprocess(["--voc-root", mini_voc, "--workdir", tmp_path / "killed", *stages, *clims])
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-3000:]
+    expected = load_state(tmp_path / "reference" / "train_clims" / "model.pt")
+    actual = load_state(tmp_path / "killed" / "train_clims" / "model.pt")
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, atol=1e-6, rtol=0, msg=f"parameter {key} differs")

@@ -112,3 +112,16 @@ def test_baseline_cams_get_their_own_results_key(smoke_run: tuple[Path, Path, st
     results = json.loads((workdir / "results.json").read_text())
     assert {"cam", "cam_baseline"} <= results.keys()  # merged, the CLIMS result kept
     assert results["cam_baseline"]["source"] == "train_cam"
+
+
+@pytest.mark.slow
+def test_documented_smoke_command_under_torchrun(tmp_path: Path) -> None:
+    from pipeline_helpers import run_subprocess
+
+    voc_root = require_voc_sample()
+    args = ["--voc-root", voc_root, "--stages", STAGES, "--preset", "smoke", "--workdir", tmp_path / "w"]
+    result = run_subprocess(args, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "processes 2" in result.stdout and "| **mIoU** |" in result.stdout
+    results = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert results["cam"]["images"] == 70

@@ -1,0 +1,241 @@
+"""DeepLabV2 (Chen et al., TPAMI 2018) as the CLIMS paper trains it through deeplab-pytorch.
+
+* Backbone: ResNet-101 with ``layer3`` and ``layer4`` dilated (rates 2 and 4) instead of strided, so the
+  output stride is 8 (logits of an ``H x W`` input are ``ceil(H/8) x ceil(W/8)``).
+* ASPP: four parallel 3x3 convolutions with dilation rates 6, 12, 18 and 24 straight to class logits, summed.
+* MSC (multi-scale inputs): the network also runs on the input rescaled by 0.5 and 0.75; every output is
+  resized to the full-scale logits and the fused output is their element-wise **max**. Training supervises
+  all of them (full, each scale, max); inference uses the max.
+
+BatchNorm statistics stay frozen (batches of 10 crops of 321 pixels are too small to estimate them), as in the
+reference. ``backbone="tiny"`` swaps ResNet-101 for a small stride-8 conv net, for CPU tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEEPLAB_ATROUS_RATES = (6, 12, 18, 24)
+MSC_SCALES = (0.5, 0.75)
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling, DeepLabV2 form: the sum of dilated 3x3 convolutions to the logits."""
+
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = DEEPLAB_ATROUS_RATES):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, 3, padding=rate, dilation=rate, bias=True) for rate in rates
+        )
+        for branch in self.branches:
+            nn.init.normal_(branch.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(branch.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.stack([branch(features) for branch in self.branches]).sum(dim=0)
+
+
+class _TinyStride8Backbone(nn.Sequential):
+    out_channels = 32
+
+    def __init__(self) -> None:
+        layers: list[nn.Module] = []
+        for cin, cout in ((3, 8), (8, 16), (16, 32)):
+            layers += [
+                nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+            ]
+        layers += [nn.Conv2d(32, 32, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(32), nn.ReLU()]
+        super().__init__(*layers)
+
+
+def _resnet101_stride8(weights: str) -> nn.Module:
+    import torchvision
+
+    model = torchvision.models.resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
+    if weights == "imagenet":
+        try:
+            state = torchvision.models.ResNet101_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+        except Exception as error:  # offline: say what to do instead
+            raise RuntimeError(
+                "could not fetch torchvision's ImageNet ResNet-101 weights; pass a local file with "
+                "--set train_seg.weights=/path/to/resnet101.pth (a torchvision ResNet-101 state dict, or a "
+                "DeepLabV2 state dict of this pipeline, e.g. COCO-pretrained), or 'none'"
+            ) from error
+        model.load_state_dict(state)
+    backbone = nn.Sequential(
+        model.conv1,
+        model.bn1,
+        model.relu,
+        model.maxpool,
+        model.layer1,
+        model.layer2,
+        model.layer3,
+        model.layer4,
+    )
+    backbone.out_channels = 2048  # type: ignore[assignment]
+    return backbone
+
+
+class DeepLabV2(nn.Module):
+    """Backbone (output stride 8) + ASPP. ``forward`` returns logits (B, K, ceil(H/8), ceil(W/8))."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet101",
+        weights: str = "imagenet",
+        rates: Sequence[int] = DEEPLAB_ATROUS_RATES,
+    ):
+        super().__init__()
+        if backbone == "resnet101":
+            self.backbone: nn.Module = _resnet101_stride8(weights if weights == "imagenet" else "none")
+        elif backbone == "tiny":
+            self.backbone = _TinyStride8Backbone()
+        else:
+            raise ValueError(f"expected backbone 'resnet101' or 'tiny', got {backbone!r}")
+        self.aspp = ASPP(self.backbone.out_channels, num_classes, rates)
+        self.num_classes = num_classes
+        if weights not in ("imagenet", "none"):
+            load_segmentation_init(self, Path(weights))
+
+    def train(self, mode: bool = True) -> DeepLabV2:
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.aspp(self.backbone(images))
+
+
+class MSC(nn.Module):
+    """Multi-scale inputs around a segmentation network, fused by element-wise max.
+
+    In training mode ``forward`` returns ``[full, *each scale, max]`` (all at the full-scale logit size), in
+    eval mode the fused max only.
+    """
+
+    def __init__(self, base: DeepLabV2, scales: Sequence[float] = MSC_SCALES):
+        super().__init__()
+        self.base = base
+        self.scales = tuple(scales)
+
+    @property
+    def num_classes(self) -> int:
+        return self.base.num_classes
+
+    def train(self, mode: bool = True) -> MSC:
+        super().train(mode)
+        self.base.train(mode)
+        return self
+
+    def scale_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """``[full, *each scale]``, every one resized to the full-scale logits."""
+        full = self.base(images)
+        outputs = [full]
+        for scale in self.scales:
+            scaled = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+            logits = self.base(scaled)
+            outputs.append(F.interpolate(logits, size=full.shape[-2:], mode="bilinear", align_corners=False))
+        return outputs
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        outputs = self.scale_outputs(images)
+        fused = torch.stack(outputs).amax(dim=0)
+        return [*outputs, fused] if self.training else fused
+
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone parameters, ASPP parameters): the ASPP head learns 10x faster, as in the reference."""
+        backbone = [p for p in self.base.backbone.parameters() if p.requires_grad]
+        head = [p for p in self.base.aspp.parameters() if p.requires_grad]
+        return backbone, head
+
+
+def build_deeplab(
+    num_classes: int,
+    backbone: str = "resnet101",
+    weights: str = "imagenet",
+    msc_scales: Sequence[float] = MSC_SCALES,
+) -> MSC:
+    return MSC(DeepLabV2(num_classes, backbone, weights), msc_scales)
+
+
+def load_segmentation_init(model: DeepLabV2, path: Path) -> None:
+    """Initialise from a local file: a torchvision-layout ResNet-101 state dict (ImageNet), or a DeepLabV2
+    state dict of this pipeline (``backbone.*``/``aspp.*`` keys, e.g. COCO-pretrained; its ASPP is kept only
+    when the class count matches)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"train_seg.weights: no such file: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    state = {key.removeprefix("module.").removeprefix("base."): value for key, value in state.items()}
+    if any(key.startswith("backbone.") for key in state):
+        own = model.state_dict()
+        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        missing = [key for key in own if key.startswith("backbone.") and key not in state]
+        if missing:
+            raise ValueError(f"train_seg.weights {path}: backbone keys missing, e.g. {missing[:5]}")
+        model.load_state_dict(state, strict=False)
+        return
+    # A torchvision ResNet: positions 0, 1, 4..7 of the backbone Sequential are conv1, bn1, layer1..layer4.
+    renamed = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
+    mapped = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head in renamed:
+            mapped[f"{renamed[head]}.{rest}"] = value
+    missing, unexpected = model.backbone.load_state_dict(mapped, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"train_seg.weights {path}: not a ResNet-101 state dict (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]})"
+        )
+
+
+def msc_loss(outputs: list[torch.Tensor], labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Cross-entropy summed over the MSC outputs; labels (B, H, W) are resized to the logits (nearest)."""
+    size = outputs[0].shape[-2:]
+    resized = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    return sum(
+        (F.cross_entropy(logits.float(), resized, ignore_index=ignore_index) for logits in outputs),
+        start=torch.zeros((), device=labels.device),
+    )
+
+
+@torch.no_grad()
+def multiscale_probabilities(
+    model: MSC, image: torch.Tensor, scales: Sequence[float], flip: bool
+) -> torch.Tensor:
+    """Softmax probabilities (K, H, W) of one normalised image (1, 3, H, W): the MSC output at each test scale
+    (and its mirror image) upsampled to the image and averaged."""
+    height, width = image.shape[-2:]
+    total = None
+    count = 0
+    for scale in scales:
+        scaled = (
+            image
+            if scale == 1.0
+            else F.interpolate(image, scale_factor=scale, mode="bilinear", align_corners=False)
+        )
+        batch = torch.cat([scaled, scaled.flip(-1)]) if flip else scaled
+        logits = model(batch).float()
+        if flip:
+            logits = torch.stack([logits[0], logits[1].flip(-1)])
+        probabilities = F.interpolate(
+            logits, size=(height, width), mode="bilinear", align_corners=False
+        ).softmax(1)
+        summed = probabilities.sum(0)
+        total = summed if total is None else total + summed
+        count += len(probabilities)
+    if total is None:
+        raise ValueError("expected at least one test scale")
+    return total / count

@@ -1,0 +1,424 @@
+"""PSA (Ahn & Kwak, CVPR 2018): AffinityNet, its affinity labels, and random-walk propagation of CAMs.
+
+Notation: an image padded to a multiple of 8 gives a feature grid of ``h x w = H/8 x W/8`` nodes (``n``).
+Pairs join a node ``p`` to ``p + o`` for every offset ``o`` of :func:`pair_offsets` (a half disc of radius
+``r``, so each unordered pair appears once; PSA uses ``r = 5``).
+
+1. Affinity labels (:func:`confident_label_map`, :func:`affinity_label_masks`): CAMs with a background score
+   ``(1 - max_k CAM_k)^alpha`` are refined by a dense CRF twice. A low ``alpha`` (4) inflates the background,
+   so the foreground that survives is confident; a high ``alpha`` (32) shrinks it, so the background that
+   survives is confident; everything in between is ignored (255). Two nodes of a pair with the same confident
+   label are a positive pair (background-background or foreground-foreground); different labels a negative.
+2. AffinityNet (:class:`AffinityNet`) maps an image to features ``f`` at stride 8; a pair's affinity is
+   ``a(p, q) = exp(-mean_c |f_c(p) - f_c(q)|)``. Loss (:func:`affinity_loss`): ``L = L_bg/4 + L_fg/4 +
+   L_neg/2``, each a mean cross-entropy over its pairs.
+3. Random walk (:func:`transition_matrix`, :func:`random_walk`): ``A = a^beta`` (``a(p, p) = 1``), the
+   row-stochastic ``T = D^-1 A`` with ``D = diag(A 1)``, and the CAMs (background channel included) are
+   propagated ``2^t`` times, ``vec(M) <- T vec(M)``; the pseudo label is the arg-max.
+
+PSA's defaults are ``beta = 8``, ``t = 8`` (256 steps), inference ``alpha = 16``; the CLIMS camera-ready run
+used ``beta = 10``, ``t = 8``. Instead of squaring the dense ``n x n`` matrix ``t`` times (O(n^3) each, fine
+on a GPU for small images), ``T`` is kept sparse and applied ``2^t`` times: the same result in O(2^t * n * P)
+with ``P`` the pairs per node, which is what makes CPU runs possible.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .crf import PSA_CRF, CRFParams, dense_crf
+from .networks import load_backbone_state
+
+IGNORE_LABEL = 255
+FEATURE_STRIDE = 8
+
+
+def pair_offsets(radius: int) -> list[tuple[int, int]]:
+    """Offsets ``(dy, dx)`` of the pairs within ``radius`` (Euclidean, strictly less), one per unordered pair:
+    ``dy = 0, dx > 0`` and ``dy > 0`` with any ``dx``."""
+    if radius < 2:
+        raise ValueError(f"expected radius >= 2 (at least the 4-neighbours), got {radius}")
+    offsets = [(0, dx) for dx in range(1, radius)]
+    offsets += [
+        (dy, dx)
+        for dy in range(1, radius)
+        for dx in range(-radius + 1, radius)
+        if dx * dx + dy * dy < radius * radius
+    ]
+    return offsets
+
+
+def _pair_windows(height: int, width: int, offset: tuple[int, int]) -> tuple[tuple[slice, slice], ...]:
+    """(source window, target window): pixel ``p`` of the source window pairs with the same position of the
+    target window, ``p + offset``. Empty when the offset leaves the grid."""
+    dy, dx = offset
+    x_start, x_stop = max(0, -dx), min(width, width - dx)
+    source = (slice(0, max(height - dy, 0)), slice(x_start, max(x_stop, x_start)))
+    target = (slice(dy, dy + source[0].stop), slice(x_start + dx, x_start + dx + source[1].stop - x_start))
+    return source, target
+
+
+def pair_affinities(features: torch.Tensor, offsets: list[tuple[int, int]]) -> torch.Tensor:
+    """features (B, C, h, w) -> affinities (B, O, h, w): ``exp(-mean_c |f(p) - f(p + o)|)`` for every offset;
+    0 where ``p + o`` is outside the grid (such pairs carry no label)."""
+    if features.ndim != 4:
+        raise ValueError(f"expected features of shape (B, C, h, w), got {tuple(features.shape)}")
+    batch, _, height, width = features.shape
+    out = features.new_zeros(batch, len(offsets), height, width)
+    for index, offset in enumerate(offsets):
+        (sy, sx), (ty, tx) = _pair_windows(height, width, offset)
+        difference = (features[:, :, sy, sx] - features[:, :, ty, tx]).abs().mean(dim=1)
+        out[:, index, sy, sx] = torch.exp(-difference)
+    return out
+
+
+def affinity_label_masks(
+    labels: torch.Tensor, offsets: list[tuple[int, int]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """labels (B, h, w): 0 confident background, 1..K confident class, 255 ignored.
+
+    Returns float masks (B, O, h, w) of background-positive pairs (both 0), foreground-positive pairs (same
+    class) and negative pairs (two different confident labels); pairs with an ignored node are in none.
+    """
+    if labels.ndim != 3:
+        raise ValueError(f"expected labels of shape (B, h, w), got {tuple(labels.shape)}")
+    labels = labels.long()
+    batch, height, width = labels.shape
+    masks = torch.zeros(3, batch, len(offsets), height, width, device=labels.device)
+    for index, offset in enumerate(offsets):
+        (sy, sx), (ty, tx) = _pair_windows(height, width, offset)
+        source, target = labels[:, sy, sx], labels[:, ty, tx]
+        valid = (source != IGNORE_LABEL) & (target != IGNORE_LABEL)
+        same = source == target
+        masks[0, :, index, sy, sx] = (valid & same & (source == 0)).float()
+        masks[1, :, index, sy, sx] = (valid & same & (source != 0)).float()
+        masks[2, :, index, sy, sx] = (valid & ~same).float()
+    return masks[0], masks[1], masks[2]
+
+
+def affinity_loss(
+    affinities: torch.Tensor, labels: torch.Tensor, offsets: list[tuple[int, int]]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PSA's loss ``L_bg/4 + L_fg/4 + L_neg/2``; each term is a cross-entropy averaged over its pairs.
+
+    affinities (B, O, h, w) in (0, 1]; labels (B, h, w) as in :func:`affinity_label_masks`.
+    """
+    if affinities.shape[2:] != labels.shape[1:] or affinities.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"expected affinities (B, O, h, w) and labels (B, h, w) on the same grid, got "
+            f"{tuple(affinities.shape)} and {tuple(labels.shape)}"
+        )
+    background, foreground, negative = affinity_label_masks(labels, offsets)
+    affinities = affinities.float()
+    eps = 1e-5  # keeps log finite at affinity 0 or 1, and empty pair sets at loss 0
+
+    def mean_over(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return (mask * values).sum() / (mask.sum() + eps)
+
+    background_loss = mean_over(background, -torch.log(affinities + eps))
+    foreground_loss = mean_over(foreground, -torch.log(affinities + eps))
+    negative_loss = mean_over(negative, -torch.log(1.0 + eps - affinities))
+    loss = background_loss / 4 + foreground_loss / 4 + negative_loss / 2
+    return loss, {"bg": background_loss, "fg": foreground_loss, "neg": negative_loss}
+
+
+# ------------------------------------------------------------------------------------------------------
+# affinity labels from CAMs
+
+
+def background_scores(cams: np.ndarray, power: float) -> np.ndarray:
+    """(n, H, W) CAMs in [0, 1] -> (1 + n, H, W): PSA's background ``(1 - max_k CAM_k)^power`` first."""
+    peak = cams.max(axis=0) if len(cams) else np.zeros(cams.shape[1:], dtype=np.float32)
+    background = np.power(np.clip(1.0 - peak, 0.0, 1.0), power)
+    return np.concatenate([background[None], cams], axis=0).astype(np.float32)
+
+
+def confident_label_map(
+    image: np.ndarray,
+    cams: np.ndarray,
+    keys: np.ndarray,
+    low_power: float = 4.0,
+    high_power: float = 32.0,
+    crf: CRFParams | None = PSA_CRF,
+) -> np.ndarray:
+    """The affinity label map (H, W) uint8 of one image: 0 confident background, ``k + 1`` confident class
+    ``keys[i] = k``, 255 ignored.
+
+    image (H, W, 3) uint8; cams (n, H, W) in [0, 1] for the image's ``n`` positive classes ``keys`` (0-based).
+    ``crf=None`` skips the CRF (an arg-max of the raw scores; for tests and CRF-less machines).
+    """
+    if cams.shape[0] != len(keys):
+        raise ValueError(f"expected one CAM per key, got {cams.shape[0]} CAMs and {len(keys)} keys")
+    class_of_channel = np.concatenate([[0], np.asarray(keys, dtype=np.int64) + 1])
+
+    def refined_argmax(power: float) -> np.ndarray:
+        scores = background_scores(cams, power)
+        if crf is not None:
+            scores = dense_crf(image, scores, crf)
+        return class_of_channel[scores.argmax(axis=0)]
+
+    low = refined_argmax(low_power)  # background inflated: the surviving foreground is confident
+    high = refined_argmax(high_power)  # background shrunk: the surviving background is confident
+    label = np.where(low == 0, IGNORE_LABEL, low)
+    label[high == 0] = 0
+    return label.astype(np.uint8)
+
+
+def downsample_labels(labels: torch.Tensor, stride: int, num_labels: int) -> torch.Tensor:
+    """(B, H, W) labels (255 ignored) -> (B, H/stride, W/stride): each block's most frequent label, ignored
+    labels included (so a block mostly outside the image or undecided stays ignored).
+
+    PSA average-pools its CRF score maps by 8 and takes the arg-max; on label maps that is the block's mode.
+    """
+    _, height, width = labels.shape
+    if height % stride or width % stride:
+        raise ValueError(f"expected label maps divisible by {stride}, got {height}x{width}")
+    index = labels.long().clone()
+    index[index == IGNORE_LABEL] = num_labels  # an extra channel for "ignored"
+    one_hot = F.one_hot(index, num_labels + 1).permute(0, 3, 1, 2).float()
+    counts = F.avg_pool2d(one_hot, stride)
+    mode = counts.argmax(dim=1)
+    mode[mode == num_labels] = IGNORE_LABEL
+    return mode
+
+
+# ------------------------------------------------------------------------------------------------------
+# the network
+
+
+class _TinyStride8Backbone(nn.Module):
+    """Three strided conv blocks (to stride 8) and two more at stride 8, for tests and smoke runs."""
+
+    level_channels = (16, 24, 32)
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            )
+
+        self.stem = nn.Sequential(block(3, 8, 2), block(8, 16, 2))
+        self.levels = nn.ModuleList([block(16, 16, 2), block(16, 24, 1), block(24, 32, 1)])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        outputs = []
+        for level in self.levels:
+            x = level(x)
+            outputs.append(x)
+        return outputs
+
+
+class _ResNet50Stride8Backbone(nn.Module):
+    """torchvision ResNet-50 with dilated ``layer3``/``layer4`` (output stride 8); it returns the outputs of
+    ``layer2``, ``layer3`` and ``layer4``, the three levels PSA's AffinityNet reads (there of ResNet-38)."""
+
+    level_channels = (512, 1024, 2048)
+
+    def __init__(self, weights: str) -> None:
+        super().__init__()
+        import torchvision
+
+        model = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
+        if weights == "imagenet":
+            try:
+                state = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+            except Exception as error:  # offline: say what to do instead
+                raise RuntimeError(
+                    "could not fetch torchvision's ImageNet ResNet-50 weights for AffinityNet; pass a local "
+                    "file with --set train_aff.weights=/path/to/resnet50.pth (or 'none')"
+                ) from error
+            model.load_state_dict(state)
+        elif weights != "none":
+            load_backbone_state(model, Path(weights))
+        self.stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1)
+        self.levels = nn.ModuleList([model.layer2, model.layer3, model.layer4])
+        # PSA keeps its first blocks fixed; here the stem and layer1 (generic low-level filters).
+        for parameter in self.stem.parameters():
+            parameter.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        outputs = []
+        for level in self.levels:
+            x = level(x)
+            outputs.append(x)
+        return outputs
+
+
+class AffinityNet(nn.Module):
+    """Backbone levels -> 1x1 convs (64, 128, 256 channels, ELU) -> concatenation -> 1x1 conv (448, ELU).
+
+    ``forward`` returns the affinity features (B, 448, H/8, W/8) of images whose sides are multiples of 8
+    (``widths`` sets the three reduced widths, 64/128/256 as PSA; tiny test networks use narrower ones).
+    BatchNorm statistics stay frozen (batches of 8 crops are too small to re-estimate them).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        weights: str = "imagenet",
+        widths: tuple[int, int, int] = (64, 128, 256),
+    ):
+        super().__init__()
+        if backbone == "resnet50":
+            self.backbone: nn.Module = _ResNet50Stride8Backbone(weights)
+        elif backbone == "tiny":
+            if weights != "none":
+                raise ValueError(f"the tiny backbone has no pretrained weights, got {weights!r}")
+            self.backbone = _TinyStride8Backbone()
+        else:
+            raise ValueError(f"expected backbone 'resnet50' or 'tiny', got {backbone!r}")
+        self.feature_channels = sum(widths)
+        self.reducers = nn.ModuleList(
+            nn.Conv2d(cin, cout, 1, bias=False)
+            for cin, cout in zip(self.backbone.level_channels, widths, strict=True)
+        )
+        self.fuse = nn.Conv2d(sum(widths), self.feature_channels, 1, bias=False)
+        for reducer in self.reducers:
+            nn.init.kaiming_normal_(reducer.weight)
+        nn.init.xavier_uniform_(self.fuse.weight, gain=4)  # PSA's init: a wide spread of initial affinities
+
+    def train(self, mode: bool = True) -> AffinityNet:
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        if height % FEATURE_STRIDE or width % FEATURE_STRIDE:
+            raise ValueError(f"expected image sides divisible by {FEATURE_STRIDE}, got {height}x{width}")
+        levels = self.backbone(images)
+        reduced = [F.elu(reducer(level)) for reducer, level in zip(self.reducers, levels, strict=True)]
+        return F.elu(self.fuse(torch.cat(reduced, dim=1)))
+
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(pretrained backbone parameters, new head parameters), trainable ones only."""
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        head = [p for module in (self.reducers, self.fuse) for p in module.parameters() if p.requires_grad]
+        return backbone, head
+
+
+# ------------------------------------------------------------------------------------------------------
+# random walk
+
+
+def transition_matrix(
+    pair_affinity: torch.Tensor, offsets: list[tuple[int, int]], beta: float
+) -> torch.Tensor:
+    """The row-stochastic transition matrix ``T = D^-1 A`` (n, n), sparse (CSR), float64.
+
+    pair_affinity (O, h, w): ``a(p, p + o)`` as from :func:`pair_affinities` (entries outside the grid are
+    ignored). ``A`` is symmetric with ``A[p, p + o] = A[p + o, p] = a^beta`` and ``A[p, p] = 1``.
+    """
+    if pair_affinity.ndim != 3 or pair_affinity.shape[0] != len(offsets):
+        raise ValueError(
+            f"expected pair_affinity of shape ({len(offsets)}, h, w) for {len(offsets)} offsets, got "
+            f"{tuple(pair_affinity.shape)}"
+        )
+    _, height, width = pair_affinity.shape
+    device = pair_affinity.device
+    node = torch.arange(height * width, device=device).view(height, width)
+    rows, cols, values = [node.flatten()], [node.flatten()], [torch.ones(height * width, device=device)]
+    for index, offset in enumerate(offsets):
+        (sy, sx), (ty, tx) = _pair_windows(height, width, offset)
+        source, target = node[sy, sx].flatten(), node[ty, tx].flatten()
+        weight = pair_affinity[index, sy, sx].flatten().double().clamp_min(0.0) ** beta
+        rows += [source, target]
+        cols += [target, source]
+        values += [weight, weight]
+    row, col = torch.cat(rows), torch.cat(cols)
+    value = torch.cat([v.double() for v in values])
+    degree = torch.zeros(height * width, dtype=torch.float64, device=device).index_add_(0, row, value)
+    matrix = torch.sparse_coo_tensor(
+        torch.stack([row, col]), value / degree[row], (height * width, height * width), check_invariants=False
+    )
+    with (
+        warnings.catch_warnings()
+    ):  # "sparse CSR support is in beta": the few operations used here are stable
+        warnings.simplefilter("ignore", UserWarning)
+        return matrix.coalesce().to_sparse_csr()
+
+
+def random_walk(scores: torch.Tensor, transition: torch.Tensor, steps: int) -> torch.Tensor:
+    """Propagate score maps (C, h, w) ``steps`` times: ``vec(M_c) <- T vec(M_c)`` for every channel.
+
+    ``steps = 2^t`` reproduces PSA's ``T^(2^t)`` (which it gets by squaring ``T`` ``t`` times).
+    """
+    channels, height, width = scores.shape
+    if transition.shape != (height * width, height * width):
+        raise ValueError(
+            f"expected a ({height * width}, {height * width}) transition matrix for a {height}x{width} grid, "
+            f"got {tuple(transition.shape)}"
+        )
+    if transition.device.type == "cpu":
+        # scipy's CSR product is several times faster than torch's on CPU; the arithmetic is the same.
+        import scipy.sparse
+
+        matrix = scipy.sparse.csr_matrix(
+            (
+                transition.values().numpy(),
+                transition.col_indices().numpy(),
+                transition.crow_indices().numpy(),
+            ),
+            shape=tuple(transition.shape),
+        )
+        array = scores.reshape(channels, -1).t().double().numpy().copy()
+        for _ in range(steps):
+            array = matrix @ array
+        return torch.from_numpy(array).t().reshape(channels, height, width).to(scores.dtype)
+    vectors = scores.reshape(channels, -1).t().to(transition.dtype).contiguous()
+    for _ in range(steps):
+        vectors = transition @ vectors
+    return vectors.t().reshape(channels, height, width).to(scores.dtype)
+
+
+def pad_to_stride(tensor: torch.Tensor, stride: int = FEATURE_STRIDE) -> torch.Tensor:
+    """Zero-pad the last two dimensions on the bottom/right to multiples of ``stride`` (PSA's geometry)."""
+    height, width = tensor.shape[-2:]
+    return F.pad(
+        tensor,
+        (0, math.ceil(width / stride) * stride - width, 0, math.ceil(height / stride) * stride - height),
+    )
+
+
+@torch.no_grad()
+def refine_cams_with_random_walk(
+    features: torch.Tensor,
+    scores: torch.Tensor,
+    radius: int,
+    beta: float,
+    exponent: int,
+) -> torch.Tensor:
+    """One image: AffinityNet features (C, h, w) of the padded image and full-resolution scores (S, H, W)
+    (background first) -> propagated scores (S, H, W).
+
+    The scores are padded to the feature grid times 8, average-pooled by 8, walked ``2^exponent`` steps, and
+    upsampled back (bilinear) and cropped, as PSA does.
+    """
+    height, width = scores.shape[-2:]
+    padded = pad_to_stride(scores[None].float())
+    if padded.shape[-2:] != (features.shape[-2] * FEATURE_STRIDE, features.shape[-1] * FEATURE_STRIDE):
+        raise ValueError(
+            f"features {tuple(features.shape)} do not cover scores {tuple(scores.shape)} at stride "
+            f"{FEATURE_STRIDE}"
+        )
+    pooled = F.avg_pool2d(padded, FEATURE_STRIDE)[0]
+    offsets = pair_offsets(radius)
+    affinity = pair_affinities(features[None].float(), offsets)[0]
+    walked = random_walk(pooled, transition_matrix(affinity, offsets, beta), 2**exponent)
+    upsampled = F.interpolate(walked[None], size=padded.shape[-2:], mode="bilinear", align_corners=False)
+    return upsampled[0, :, :height, :width]

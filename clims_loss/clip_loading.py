@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -17,6 +17,16 @@ class CLIPEncoders(Protocol):
     def encode_image(self, image: torch.Tensor) -> torch.Tensor: ...
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor: ...
+
+
+def as_clip_encoders(clip_model: object) -> CLIPEncoders:
+    """``clip_model`` typed as `CLIPEncoders`, or a TypeError naming the missing encoder."""
+    for method in ("encode_image", "encode_text"):
+        if not callable(getattr(clip_model, method, None)):
+            raise TypeError(
+                f"expected clip_model to have a callable {method}(), got {type(clip_model).__name__}"
+            )
+    return cast(CLIPEncoders, clip_model)
 
 
 def _open_clip() -> Any:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from clims_loss.clip_loading import CLIPEncoders, clip_input_size, load_open_clip
+from clims_loss.clip_loading import CLIPEncoders, as_clip_encoders, clip_input_size, load_open_clip
 from clims_loss.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from clims_loss.functional import LossWeights, btm_loss, cbs_loss, combine_losses, otm_loss, reg_loss
 from clims_loss.masking import check_evaluator_inputs, masked_views, positive_pairs
@@ -107,11 +107,7 @@ class CLIPTextDrivenEvaluator(nn.Module):
         validate: bool = True,
     ) -> None:
         super().__init__()
-        for method in ("encode_image", "encode_text"):
-            if not callable(getattr(clip_model, method, None)):
-                raise TypeError(
-                    f"expected clip_model to have a callable {method}(), got {type(clip_model).__name__}"
-                )
+        as_clip_encoders(clip_model)
         if max_views_per_forward is not None and max_views_per_forward < 1:
             raise ValueError(f"expected max_views_per_forward >= 1 or None, got {max_views_per_forward}")
         self.prompts = _as_registry(prompts)

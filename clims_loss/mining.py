@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +35,7 @@ from clims_loss._validation import (
     check_values,
     finite_check,
 )
-from clims_loss.clip_loading import CLIPEncoders
+from clims_loss.clip_loading import as_clip_encoders
 from clims_loss.prompts import BackgroundPromptRegistry
 
 __all__ = ["DEFAULT_BACKGROUND_VOCABULARY", "BackgroundScore", "mine_backgrounds"]
@@ -132,11 +131,7 @@ def mine_backgrounds(
         best first.
     """
     registry = BackgroundPromptRegistry.preset(prompts) if isinstance(prompts, str) else prompts
-    for method in ("encode_image", "encode_text"):
-        if not callable(getattr(clip_model, method, None)):
-            raise TypeError(
-                f"expected clip_model to have a callable {method}(), got {type(clip_model).__name__}"
-            )
+    encoders = as_clip_encoders(clip_model)
     terms = list(dict.fromkeys(vocabulary))
     if not terms:
         raise ValueError("expected a non-empty vocabulary, got none")
@@ -151,7 +146,6 @@ def mine_backgrounds(
         )
     check_values([binary_check("labels", labels), finite_check("labels", labels.float())])
 
-    encoders = cast(CLIPEncoders, clip_model)
     device = next(iter(clip_model.parameters()), torch.empty(0)).device
     image_features = _embed_batches(lambda x: encoders.encode_image(x.to(device)), images, batch_size)
     if image_features.shape[0] != labels.shape[0]:

@@ -411,7 +411,7 @@ def random_rescale_long_side(
     width, height = image.size
     scale = target_long / max(width, height)
     new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return image.resize(new_size, Image.BILINEAR)
+    return image.resize(new_size, Image.Resampling.BILINEAR)
 
 
 def random_crop_with_padding(array: np.ndarray, crop_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -433,7 +433,7 @@ def _crop_offsets(length: int, crop: int, rng: np.random.Generator) -> tuple[int
     return 0, int(rng.integers(0, crop - length + 1)), length
 
 
-class TrainCropDataset(Dataset):
+class TrainCropDataset(Dataset[dict[str, Any]]):
     """Training samples: random rescale (long side), horizontal flip, ImageNet normalisation, random crop.
 
     Indexed by ``(epoch, index)`` pairs (see :class:`EpochIndexSampler`): each sample's augmentation is drawn
@@ -468,7 +468,7 @@ class TrainCropDataset(Dataset):
         image = self.source.load_image(self.image_ids[index])
         image = random_rescale_long_side(image, rng, self.resize_long)
         if rng.random() < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         crop = random_crop_with_padding(normalize_image(image), self.crop_size, rng)
         return {
             "image": torch.from_numpy(crop),
@@ -495,7 +495,7 @@ class EpochIndexSampler(torch.utils.data.Sampler):
         return len(self.sampler)
 
 
-class FullImageDataset(Dataset):
+class FullImageDataset(Dataset[dict[str, Any]]):
     """Whole images at full resolution, normalised, with labels (for inference)."""
 
     def __init__(self, source: SegmentationSource, image_ids: Sequence[str], labels: dict[str, list[int]]):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``; rename it to ``path`` when it succeeds."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

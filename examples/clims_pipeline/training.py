@@ -240,7 +240,7 @@ def build_train_dataset(ctx: StageContext) -> TrainCropDataset:
         ctx.source,
         image_ids,
         labels,
-        resize_long=tuple(ctx.config.data.resize_long),
+        resize_long=(int(ctx.config.data.resize_long[0]), int(ctx.config.data.resize_long[1])),
         crop_size=ctx.config.data.crop_size,
         seed=ctx.seed,
     )

@@ -70,12 +70,21 @@ def load_cam_network(ctx: StageContext, source: str) -> CAMNet:
 
 @torch.no_grad()
 def multiscale_cams(
-    model: CAMNet, images: torch.Tensor, scales: tuple[float, ...], flip: bool, low_stride: int, amp: bool
+    model: CAMNet,
+    images: torch.Tensor,
+    scales: tuple[float, ...],
+    flip: bool,
+    low_stride: int,
+    amp: bool,
+    classes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed maps of same-size images: low-res (B, K, ceil(H/s), ceil(W/s)) and full-res (B, K, H, W).
+    """Summed maps of same-size images: low-res (B, C, ceil(H/s), ceil(W/s)) and full-res (B, C, H, W), for
+    the class indices ``classes`` (C of them; all K classes when ``None``).
 
-    A map at output stride 16 covers ``16 * ceil(H / 16)`` pixels, so it is upsampled to that padded size and
-    cropped, which keeps it aligned with the image; the low-resolution maps are resized directly.
+    Only the requested classes are upsampled: an image has 1-2 of VOC's 20 classes, and the full-resolution
+    upsampling of every class at every scale would dominate the inference time. A map at output stride 16
+    covers ``16 * ceil(H / 16)`` pixels, so it is upsampled to that padded size and cropped, which keeps it
+    aligned with the image; the low-resolution maps are resized directly.
     """
     height, width = images.shape[-2:]
     stride = model.output_stride
@@ -99,6 +108,8 @@ def multiscale_cams(
             maps = model.activation_maps(batch).float()
         if flip:
             maps = maps[: len(images)] + maps[len(images) :].flip(-1)
+        if classes is not None:
+            maps = maps[:, classes]
         low = F.interpolate(maps, size=low_size, mode="bilinear", align_corners=False)
         high = F.interpolate(maps, size=padded_size, mode="bilinear", align_corners=False)[
             ..., :height, :width
@@ -193,17 +204,25 @@ def run(ctx: StageContext) -> None:
     )
     for batch in loader:
         images = batch["image"].to(ctx.device)
+        present = torch.nonzero(batch["label"].sum(dim=0)).flatten()  # classes positive in some image
         low, high = multiscale_cams(
-            model, images, tuple(config.scales), config.flip, config.low_res_stride, ctx.amp
+            model,
+            images,
+            tuple(config.scales),
+            config.flip,
+            config.low_res_stride,
+            ctx.amp,
+            classes=present.to(ctx.device),
         )
         for position, image_id in enumerate(batch["id"]):
-            keys = torch.nonzero(batch["label"][position]).flatten().to(ctx.device)
+            keys = torch.nonzero(batch["label"][position]).flatten()
+            channels = torch.searchsorted(present, keys).to(ctx.device)  # where each key sits in `present`
             save_npy(
                 out_dir / f"{image_id}.npy",
                 {
-                    "keys": keys.cpu().numpy().astype(np.int64),
-                    "cam": normalise_by_max(low[position, keys]).cpu().numpy().astype(np.float32),
-                    "high_res": normalise_by_max(high[position, keys]).cpu().numpy().astype(np.float32),
+                    "keys": keys.numpy().astype(np.int64),
+                    "cam": normalise_by_max(low[position, channels]).cpu().numpy().astype(np.float32),
+                    "high_res": normalise_by_max(high[position, channels]).cpu().numpy().astype(np.float32),
                 },
             )
         progress.update(len(batch["id"]))

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from ..context import StageContext, register_stage
-from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..networks import build_network
 from ..presets import TINY_CLIP_NAME
 from ..training import (
@@ -59,8 +58,8 @@ def build_evaluator(ctx: StageContext) -> Any:
         prompts=prompts,
         weights=weights,
         device=ctx.device,
-        image_mean=IMAGENET_MEAN,
-        image_std=IMAGENET_STD,
+        image_mean=cl.IMAGENET_MEAN,  # how the pipeline normalises its images
+        image_std=cl.IMAGENET_STD,
     )
 
 

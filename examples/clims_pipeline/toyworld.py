@@ -1199,7 +1199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     import torch
 
-    from examples.clims_pipeline import clip_training
+    from . import clip_training
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,0 +1,622 @@
+"""Train or fine-tune an open_clip model on (image, caption) pairs, and measure what it learned.
+
+Two uses, one function:
+
+* the toy world: a tiny CLIP (``TINY_CLIP_NAME``, about 4.5M parameters, 64 px) trained from scratch on
+  the toy world's captions in a few minutes on a CPU;
+* real data: the camera-ready CLIMS recipe, fine-tuning CLIP on label captions ("a photo of {class
+  names}.") with lr 5e-5, 20 epochs and weight decay 0.003 (``PAPER_FINETUNE``).
+
+The checkpoint is a plain ``{"state_dict": ...}`` file, so ``open_clip.create_model(name,
+pretrained=<file>)`` (and therefore ``CLIPTextDrivenEvaluator.from_pretrained(name, pretrained=<file>)``)
+loads it. The tiny config lives in ``clip_configs/`` and is registered with open_clip when this module
+is imported; a process that loads the checkpoint must import this module (or call
+``register_model_configs``) first.
+
+``zero_shot_report`` measures zero-shot accuracy on held-out toy-world images and the co-occurrence
+bias: how similar background-only images (water alone) are to a class prompt ("boat") compared with
+real images of that class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
+TINY_CLIP_NAME = "clims-tiny-clip"
+
+# The paper's CLIP fine-tuning on label captions (camera-ready CLIMS).
+PAPER_FINETUNE: dict[str, float] = {"lr": 5e-5, "epochs": 20, "weight_decay": 0.003}
+# From scratch on the toy world (measured: see the module's __main__ / toyworld.main).
+TOY_FROM_SCRATCH: dict[str, float] = {"lr": 2e-3, "epochs": 10, "weight_decay": 0.1}
+
+ImageSource = str | os.PathLike | np.ndarray | Image.Image
+
+
+def register_model_configs() -> None:
+    """Make the configs in ``clip_configs/`` known to open_clip (idempotent)."""
+    if TINY_CLIP_NAME not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+register_model_configs()
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Batch augmentation for CLIP training.
+
+    ``mask_prob``: fraction of images multiplied by a random soft mask in normalised space. The CLIMS
+    evaluator shows CLIP ``X * P_k`` and ``X * (1 - P_k)``, i.e. images whose masked-out part is 0
+    after normalisation (the mean colour), with soft borders; a CLIP that never saw such images
+    would judge the masking, not the content. The mask keeps ``keep`` (uniform in the range) of the
+    image in smooth random blobs, so the caption usually stays true.
+    ``flip_prob``: horizontal flips (captions do not say left or right).
+    """
+
+    mask_prob: float = 0.5
+    keep: tuple[float, float] = (0.4, 0.9)
+    flip_prob: float = 0.5
+
+
+NO_AUGMENT = Augment(mask_prob=0.0, flip_prob=0.0)
+
+
+def random_soft_masks(
+    batch: int, size: int, keep: tuple[float, float], generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """(batch, 1, size, size) masks in [0, 1] from upsampled noise; sharpness varies from soft to hard."""
+    cells = torch.randint(2, 5, (1,), generator=generator).item()
+    noise = torch.rand(batch, 1, cells, cells, generator=generator)
+    field = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False).flatten(1)
+    keep_fraction = torch.empty(batch, 1).uniform_(*keep, generator=generator)
+    # Threshold at the (1 - keep) quantile so each mask keeps about the requested area.
+    threshold = torch.quantile(field, 1 - keep_fraction.squeeze(1), dim=1).diagonal().unsqueeze(1)
+    sharpness = torch.empty(batch, 1).uniform_(4.0, 40.0, generator=generator)
+    masks = torch.sigmoid((field - threshold) * sharpness / field.std(dim=1, keepdim=True).clamp_min(1e-6))
+    return masks.view(batch, 1, size, size).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Samples
+# ----------------------------------------------------------------------------------------------------
+
+
+def toy_world_samples(
+    root: str | os.PathLike[str], splits: Sequence[str] = ("train_aug", "background_only_train")
+) -> list[tuple[Path, str]]:
+    """(image path, caption) pairs of a toy world's ``captions.jsonl``, restricted to ``splits``."""
+    root = Path(root)
+    samples = []
+    with open(root / "captions.jsonl", encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            if record["split"] in splits:
+                samples.append((_find_image(root, record["id"]), record["caption"]))
+    if not samples:
+        raise ValueError(f"no captions of splits {list(splits)} in {root / 'captions.jsonl'}")
+    return samples
+
+
+def label_caption(class_names: Sequence[str], template: str = "a photo of {}.") -> str:
+    """The paper's label caption: "a photo of person, car and dog."."""
+    names = list(class_names)
+    if not names:
+        raise ValueError("expected at least one class name for a label caption")
+    phrase = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return template.format(phrase)
+
+
+def label_caption_samples(
+    voc_root: str | os.PathLike[str],
+    split: str,
+    class_names: Sequence[str],
+    *,
+    template: str = "a photo of {}.",
+) -> list[tuple[Path, str]]:
+    """(image path, label caption) for a VOC-layout data set: the captions of the paper's CLIP fine-tuning.
+
+    ``class_names[i]`` names label ``i + 1`` of ``cls_labels.json``; ids without labels are skipped.
+    """
+    root = Path(voc_root)
+    labels = json.loads((root / "cls_labels.json").read_text())
+    ids = (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+    samples = []
+    for sample_id in ids:
+        present = labels.get(sample_id)
+        if present is None:
+            raise KeyError(f"id {sample_id!r} of split {split!r} has no entry in cls_labels.json")
+        if present:
+            samples.append(
+                (_find_image(root, sample_id), label_caption([class_names[i - 1] for i in present], template))
+            )
+    return samples
+
+
+def _find_image(root: Path, sample_id: str) -> Path:
+    for ext in (".jpg", ".png", ".jpeg"):
+        candidate = root / "JPEGImages" / f"{sample_id}{ext}"
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"no image for id {sample_id!r} under {root / 'JPEGImages'}")
+
+
+def load_image(source: ImageSource, size: int) -> np.ndarray:
+    """uint8 (size, size, 3): shorter side resized to ``size``, then centre-cropped."""
+    if isinstance(source, np.ndarray):
+        image = Image.fromarray(source)
+    elif isinstance(source, Image.Image):
+        image = source
+    else:
+        image = Image.open(source)
+    image = image.convert("RGB")
+    width, height = image.size
+    if (width, height) != (size, size):
+        scale = size / min(width, height)
+        image = image.resize(
+            (max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC
+        )
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, np.uint8)
+
+
+def _load_images(sources: Sequence[ImageSource], size: int, progress: bool) -> torch.Tensor:
+    images = np.empty((len(sources), size, size, 3), np.uint8)
+    for index, source in enumerate(_tqdm(sources, "loading images", progress)):
+        images[index] = load_image(source, size)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def _tqdm(iterable: Any, description: str, enabled: bool, **kwargs: Any) -> Any:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=description, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+
+def _default_device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _normaliser(model: torch.nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own preprocessing mean/std, as (1, 3, 1, 1) tensors."""
+    cfg = getattr(getattr(model, "visual", None), "preprocess_cfg", None) or {}
+    mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
+    std = cfg.get("std", open_clip.OPENAI_DATASET_STD)
+    return (
+        torch.tensor(mean, device=device).view(1, 3, 1, 1),
+        torch.tensor(std, device=device).view(1, 3, 1, 1),
+    )
+
+
+def _image_size(model: torch.nn.Module) -> int:
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: gains, biases, embeddings and the logit scale are left alone, as in CLIP."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        is_matrix = parameter.ndim >= 2 and "embedding" not in name and "token" not in name
+        (decay if is_matrix else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def save_checkpoint(model: torch.nn.Module, out_path: str | os.PathLike[str], meta: dict[str, Any]) -> None:
+    """Atomically write ``{"state_dict", "clims_meta"}``: a file open_clip's loader accepts as is."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "clims_meta": meta}, tmp)
+    os.replace(tmp, out_path)
+
+
+def create_model(
+    model_name: str,
+    pretrained: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[torch.nn.Module, Any]:
+    """open_clip model + tokenizer; ``pretrained`` is a tag or a checkpoint file (as open_clip takes it)."""
+    register_model_configs()
+    model = open_clip.create_model(
+        model_name, pretrained=str(pretrained) if pretrained else None, device=_default_device(device)
+    )
+    return model, open_clip.get_tokenizer(model_name)
+
+
+@dataclass
+class ClipTrainingResult:
+    """The trained model (in eval mode), its per-epoch history and where the checkpoint was written."""
+
+    model: torch.nn.Module
+    history: dict[str, Any]
+    out_path: Path
+
+
+def train_clip(
+    samples: Sequence[tuple[ImageSource, str]],
+    *,
+    model_name: str = TINY_CLIP_NAME,
+    pretrained: str | os.PathLike[str] | None = None,
+    epochs: int = 10,
+    lr: float = 2e-3,
+    weight_decay: float = 0.1,
+    batch_size: int = 128,
+    seed: int = 0,
+    out_path: str | os.PathLike[str],
+    augment: Augment | None = Augment(),
+    warmup_fraction: float = 0.05,
+    device: str | torch.device | None = None,
+    max_steps: int | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> ClipTrainingResult:
+    """Train (``pretrained=None``) or fine-tune an open_clip model contrastively on (image, caption) pairs.
+
+    Images (paths, uint8 HWC arrays or PIL images) are resized to the model's input size once and kept
+    in memory as uint8, which suits the toy world (12k x 64 px = 150 MB) and VOC's 10,582 images at
+    224 px (1.6 GB). The loss is ``open_clip.ClipLoss``; AdamW with linear warm-up then cosine decay;
+    the logit scale is clamped at 100 as in CLIP. After each epoch the model is written atomically to
+    ``out_path`` and the optimizer state to ``<out_path>.resume``, so an interrupted run resumes (with
+    ``resume``); a finished run is not repeated.
+    """
+    if not samples:
+        raise ValueError("expected at least one (image, caption) sample, got none")
+    if epochs < 1 or batch_size < 2:
+        raise ValueError(
+            f"expected epochs >= 1 and batch_size >= 2, got epochs={epochs}, batch_size={batch_size}"
+        )
+    device = _default_device(device)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    model, tokenizer = create_model(model_name, pretrained, device)
+    size = _image_size(model)
+    mean, std = _normaliser(model, device)
+    images = _load_images([s[0] for s in samples], size, progress)
+    tokens = tokenizer([s[1] for s in samples])
+
+    steps_per_epoch = max(1, len(samples) // batch_size)  # drop the ragged last batch: ClipLoss wants pairs
+    total_steps = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
+    warmup_steps = max(1, int(total_steps * warmup_fraction))
+    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: (
+            min(1.0, (step + 1) / warmup_steps)
+            * (
+                0.5
+                * (
+                    1
+                    + math.cos(
+                        math.pi * min(1.0, max(0, step - warmup_steps) / max(1, total_steps - warmup_steps))
+                    )
+                )
+            )
+        ),
+    )
+    loss_fn = open_clip.ClipLoss()
+    meta = {
+        "model_name": model_name,
+        "pretrained": str(pretrained) if pretrained else None,
+        "epochs": epochs,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "batch_size": batch_size,
+        "seed": seed,
+        "samples": len(samples),
+        "augment": asdict(augment) if augment else None,
+        "total_steps": total_steps,
+    }
+    history: dict[str, Any] = {"meta": meta, "epochs": []}
+    resume_path = Path(str(out_path) + ".resume")
+    start_epoch, step = 0, 0
+    if resume and resume_path.exists():
+        state = torch.load(resume_path, map_location=device, weights_only=False)
+        if state["meta"] == meta:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, step, history = state["epoch"], state["step"], state["history"]
+    generator = torch.Generator().manual_seed(seed)
+    mask_generator = torch.Generator().manual_seed(seed + 1)
+    # Shuffle orders are drawn for every epoch up front so a resumed run sees the same batches.
+    orders = [torch.randperm(len(samples), generator=generator) for _ in range(epochs)]
+    started = time.perf_counter()
+    for epoch in range(start_epoch, epochs):
+        if step >= total_steps:
+            break
+        model.train()
+        losses = []
+        batches = range(steps_per_epoch)
+        bar = _tqdm(batches, f"clip epoch {epoch + 1}/{epochs}", progress, leave=False)
+        for batch_index in bar:
+            if step >= total_steps:
+                break
+            index = orders[epoch][batch_index * batch_size : (batch_index + 1) * batch_size]
+            pixels = (images[index].to(device).float() / 255.0 - mean) / std
+            if augment is not None:
+                pixels = _augment(pixels, augment, mask_generator)
+            image_features, text_features, logit_scale = _features(model(pixels, tokens[index].to(device)))
+            loss = loss_fn(image_features, text_features, logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            losses.append(loss.item())
+            step += 1
+            if progress and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        record = {
+            "epoch": epoch + 1,
+            "step": step,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "logit_scale": model.logit_scale.exp().item(),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        history["epochs"].append(record)
+        if progress:
+            print(
+                f"clip epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, "
+                f"logit scale {record['logit_scale']:.1f}, {record['seconds']} s"
+            )
+        save_checkpoint(model, out_path, {**meta, "epoch": epoch + 1, "step": step})
+        tmp = resume_path.with_name(resume_path.name + ".tmp")
+        torch.save(
+            {
+                "meta": meta,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+                "step": step,
+                "history": history,
+            },
+            tmp,
+        )
+        os.replace(tmp, resume_path)
+    if not Path(out_path).exists():  # a resumed run that was already complete still leaves the model
+        save_checkpoint(model, out_path, {**meta, "epoch": epochs, "step": step})
+    history["train_seconds"] = round(time.perf_counter() - started, 1)
+    model.eval()
+    return ClipTrainingResult(model=model, history=history, out_path=Path(out_path))
+
+
+def _features(out: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image features, text features, logit scale) from either of open_clip's output forms."""
+    if isinstance(out, dict):
+        return out["image_features"], out["text_features"], out["logit_scale"]
+    return out[0], out[1], out[2]
+
+
+def _augment(pixels: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
+    batch, _, size, _ = pixels.shape
+    if augment.flip_prob > 0:
+        flip = (torch.rand(batch, generator=generator) < augment.flip_prob).to(pixels.device)
+        pixels = torch.where(flip.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
+    if augment.mask_prob > 0:
+        chosen = (torch.rand(batch, generator=generator) < augment.mask_prob).to(pixels.device)
+        masks = random_soft_masks(batch, size, augment.keep, generator, pixels.device)
+        pixels = torch.where(chosen.view(-1, 1, 1, 1), pixels * masks, pixels)
+    return pixels
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measuring: zero-shot accuracy and the co-occurrence bias on a toy world
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _encode_images(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """L2-normalised image embeddings (N, D), in chunks; (0, D) for no images."""
+    out = [
+        F.normalize(model.encode_image(pixels[i : i + batch_size]), dim=-1)
+        for i in range(0, len(pixels), batch_size)
+    ]
+    if not out:
+        return torch.zeros(0, model.visual.output_dim, device=pixels.device)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _encode_texts(
+    model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], device: torch.device
+) -> torch.Tensor:
+    return F.normalize(model.encode_text(tokenizer(list(texts)).to(device)), dim=-1)
+
+
+def _mean(values: np.ndarray) -> float:
+    """Mean of a possibly empty array; NaN (not a warning) when empty."""
+    return float(np.mean(values)) if np.size(values) else float("nan")
+
+
+def _average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
+    order = np.argsort(-scores, kind="stable")
+    hits = positives[order].astype(np.float64)
+    if hits.sum() == 0:
+        return float("nan")
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / hits.sum())
+
+
+def zero_shot_report(
+    root: str | os.PathLike[str],
+    *,
+    model_name: str = TINY_CLIP_NAME,
+    pretrained: str | os.PathLike[str] | None,
+    split: str = "val",
+    background_split: str = "background_only_val",
+    template: str = "a photo of {}.",
+    device: str | torch.device | None = None,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Zero-shot accuracy and co-occurrence bias of a CLIP on a toy world's held-out images.
+
+    Class prompts are ``template.format(class)``, background prompts ``template.format(term)`` with each
+    background's first (canonical) term. Images are normalised with the model's mean/std; "masked"
+    views multiply the normalised image by the exact object mask (what the CLIMS evaluator does with a
+    perfect CAM): ``object view`` keeps the object, ``context view`` keeps everything else.
+
+    Per class k with background b(k), cosine similarities to the prompt of k (means):
+    ``object_images`` (val images containing k), ``absent_images`` (val images without k),
+    ``own_background_only`` (background-only images of b(k)), ``other_background_only`` (the other
+    backgrounds), ``object_view`` and ``context_view`` (masked views of val images containing k).
+    ``bias_ratio`` = own_background_only / object_images: near 1 means CLIP calls water alone a boat
+    almost as much as a real boat. ``background_top_class`` = the share of background-only images of
+    b(k) whose best class prompt is k. ``background_prompt_wins`` = share of background-only images of
+    b(k) closer to b's prompt than to k's; ``object_prompt_wins`` = share of object views of k closer to
+    k's prompt than to b(k)'s (what the background suppression loss relies on).
+    """
+    from . import toyworld  # local import: the rest of this module also serves real data
+
+    root = Path(root)
+    device = _default_device(device)
+    model, tokenizer = create_model(model_name, pretrained, device)
+    model.eval()
+    size = _image_size(model)
+    mean, std = _normaliser(model, device)
+    classes = list(toyworld.TOY_CLASSES)
+    backgrounds = list(toyworld.TOY_BACKGROUNDS)
+    class_text = _encode_texts(model, tokenizer, [template.format(c) for c in classes], device)
+    background_text = _encode_texts(
+        model, tokenizer, [template.format(toyworld.BACKGROUND_TERMS[b][0]) for b in backgrounds], device
+    )
+
+    records = toyworld.read_captions(root, [split])
+    if not records:
+        raise ValueError(f"no images of split {split!r} in {root}")
+    pixels = _load_images([_find_image(root, r["id"]) for r in records], size, progress=False)
+    masks = np.stack(
+        [
+            np.asarray(
+                Image.open(root / "SegmentationClass" / f"{r['id']}.png").resize((size, size), Image.NEAREST)
+            )
+            for r in records
+        ]
+    )
+    normalised = (pixels.float().to(device) / 255.0 - mean) / std
+    image_embeddings = _encode_images(model, normalised, batch_size)
+    similarity = (image_embeddings @ class_text.T).cpu().numpy()  # (N, K)
+    labels = np.zeros((len(records), len(classes)), bool)
+    for row, record in enumerate(records):
+        for label in record["labels"]:
+            labels[row, label - 1] = True
+
+    top = similarity.argmax(1)
+    single = labels.sum(1) == 1
+    report: dict[str, Any] = {
+        "split": split,
+        "images": len(records),
+        "template": template,
+        "top1_accuracy_single_class": float((labels[np.arange(len(top)), top])[single].mean()),
+        "single_class_images": int(single.sum()),
+        "top1_in_labels_all": float(labels[np.arange(len(top)), top].mean()),
+        "mean_average_precision": float(
+            np.nanmean([_average_precision(similarity[:, k], labels[:, k]) for k in range(len(classes))])
+        ),
+        "per_class": {},
+    }
+
+    background_records = [
+        r for r in toyworld.read_captions(root, [background_split]) if len(r["backgrounds"]) == 1
+    ]
+    bg_pixels = _load_images([_find_image(root, r["id"]) for r in background_records], size, progress=False)
+    bg_embeddings = _encode_images(model, (bg_pixels.float().to(device) / 255.0 - mean) / std, batch_size)
+    bg_class_similarity = (bg_embeddings @ class_text.T).cpu().numpy()
+    bg_background_similarity = (bg_embeddings @ background_text.T).cpu().numpy()
+    bg_names = np.array([r["backgrounds"][0] for r in background_records])
+    report["background_only_images"] = len(background_records)
+    if len(background_records):
+        report["background_zero_shot_accuracy"] = float(
+            (np.array(backgrounds)[bg_background_similarity.argmax(1)] == bg_names).mean()
+        )
+
+    for k, class_name in enumerate(classes):
+        own = toyworld.CLASS_BACKGROUND[class_name]
+        b = backgrounds.index(own)
+        has_k = labels[:, k]
+        own_bg = bg_names == own
+        object_view_sim = object_view_bg_sim = context_view_sim = np.zeros(0)
+        if has_k.any():
+            rows = torch.from_numpy(np.flatnonzero(has_k)).to(device)
+            object_mask = torch.from_numpy(masks[has_k] == k + 1).to(device).unsqueeze(1).float()
+            object_views = _encode_images(model, normalised[rows] * object_mask, batch_size)
+            context_views = _encode_images(model, normalised[rows] * (1 - object_mask), batch_size)
+            object_view_sim = (object_views @ class_text[k]).cpu().numpy()
+            object_view_bg_sim = (object_views @ background_text[b]).cpu().numpy()
+            context_view_sim = (context_views @ class_text[k]).cpu().numpy()
+        entry = {
+            "background": own,
+            "object_images": _mean(similarity[has_k, k]),
+            "absent_images": _mean(similarity[~has_k, k]),
+            "own_background_only": _mean(bg_class_similarity[own_bg, k]),
+            "other_background_only": _mean(bg_class_similarity[~own_bg, k]),
+            "object_view": _mean(object_view_sim),
+            "context_view": _mean(context_view_sim),
+            "background_top_class": _mean(bg_class_similarity[own_bg].argmax(1) == k),
+            "background_prompt_wins": _mean(
+                bg_background_similarity[own_bg, b] > bg_class_similarity[own_bg, k]
+            ),
+            "object_prompt_wins": _mean(object_view_sim > object_view_bg_sim),
+        }
+        entry["bias_ratio"] = entry["own_background_only"] / entry["object_images"]
+        report["per_class"][class_name] = entry
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The zero-shot report as a small text table."""
+    lines = [
+        f"zero-shot on {report['images']} {report['split']} images (prompt {report['template']!r}): "
+        f"top-1 accuracy on single-class images {report['top1_accuracy_single_class']:.3f} "
+        f"(n={report['single_class_images']}), top-1 in labels (all) {report['top1_in_labels_all']:.3f}, "
+        f"mAP {report['mean_average_precision']:.3f}; background zero-shot accuracy "
+        f"{report.get('background_zero_shot_accuracy', float('nan')):.3f} "
+        f"on {report['background_only_images']} background-only images",
+        "cosine similarity to the class prompt (mean):",
+        f"{'class':<10} {'bg':<9} {'object':>7} {'absent':>7} {'own-bg':>7} {'other-bg':>8} {'ratio':>6} "
+        f"{'obj-view':>8} {'ctx-view':>8} {'bg->cls':>7} {'bgtxt>cls':>9} {'cls>bgtxt':>9}",
+    ]
+    for name, e in report["per_class"].items():
+        lines.append(
+            f"{name:<10} {e['background']:<9} {e['object_images']:7.3f} {e['absent_images']:7.3f} "
+            f"{e['own_background_only']:7.3f} {e['other_background_only']:8.3f} {e['bias_ratio']:6.2f} "
+            f"{e['object_view']:8.3f} {e['context_view']:8.3f} {e['background_top_class']:7.2f} "
+            f"{e['background_prompt_wins']:9.2f} {e['object_prompt_wins']:9.2f}"
+        )
+    lines.append(
+        "object = val images with the class; absent = without; own-bg / other-bg = background-only "
+        "images of the class's / other backgrounds; ratio = own-bg / object; obj-view / ctx-view = "
+        "image times exact object mask / times its complement; bg->cls = share of own-bg images "
+        "whose best class is this class; bgtxt>cls = share of own-bg images closer to the "
+        "background prompt; cls>bgtxt = share of object views closer to the class prompt."
+    )
+    return "\n".join(lines)

@@ -1,0 +1,209 @@
+"""Toy world generator and tiny CLIP training: determinism, exact masks, layout, checkpoint round trip."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from examples.clims_pipeline import clip_training, toyworld
+
+SMALL = dict(
+    n_train=24, n_val=8, n_background_only=12, n_background_only_val=12, image_size=64, progress=False
+)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP spinning makes them 10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("toy") / "world"
+    toyworld.generate_toy_world(root, seed=3, **SMALL)
+    return root
+
+
+def _ids(root: Path, split: str) -> list[str]:
+    return (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+
+
+def _file_bytes(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "toyworld.json"
+    }
+
+
+def test_generator_is_deterministic_by_seed(world: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    toyworld.generate_toy_world(again, seed=3, **SMALL)
+    assert _file_bytes(world) == _file_bytes(again)
+    other = tmp_path / "other"
+    toyworld.generate_toy_world(other, seed=4, **SMALL)
+    assert _file_bytes(other)["captions.jsonl"] != _file_bytes(world)["captions.jsonl"]
+
+
+def test_worker_count_does_not_change_the_world(world: Path, tmp_path: Path) -> None:
+    parallel = tmp_path / "parallel"
+    toyworld.generate_toy_world(parallel, seed=3, num_workers=2, **SMALL)
+    assert _file_bytes(world) == _file_bytes(parallel)
+
+
+def test_masks_match_labels_exactly(world: Path) -> None:
+    labels = json.loads((world / "cls_labels.json").read_text())
+    classes = len(toyworld.TOY_CLASSES)
+    for sample_id, listed in labels.items():
+        mask_image = Image.open(world / "SegmentationClass" / f"{sample_id}.png")
+        assert mask_image.mode == "P"
+        mask = np.array(mask_image)
+        aug = np.array(Image.open(world / "SegmentationClassAug" / f"{sample_id}.png"))
+        np.testing.assert_array_equal(mask, aug)
+        values = set(np.unique(mask).tolist())
+        assert values <= set(range(classes + 1)) | {255}
+        assert listed == sorted(v for v in values if 1 <= v <= classes)
+        assert listed == sorted(listed) and all(isinstance(v, int) for v in listed)
+        if sample_id.startswith("bg"):
+            assert listed == [] and values == {0}
+        else:
+            assert listed, f"object image {sample_id} has no visible object"
+
+
+def test_layout_is_readable_and_splits_are_consistent(world: Path) -> None:
+    metadata = toyworld.load_toy_world(world)
+    train_aug, train, val = _ids(world, "train_aug"), _ids(world, "train"), _ids(world, "val")
+    assert len(train_aug) == SMALL["n_train"] and len(val) == SMALL["n_val"]
+    assert set(train) <= set(train_aug) and not set(train_aug) & set(val)
+    assert _ids(world, "trainval") == train + val
+    assert metadata["image_ext"] == ".jpg" and metadata["classes"] == list(toyworld.TOY_CLASSES)
+    for sample_id in train_aug + val + _ids(world, "background_only_val"):
+        image = Image.open(world / "JPEGImages" / f"{sample_id}.jpg")
+        assert image.mode == "RGB" and image.size == (SMALL["image_size"], SMALL["image_size"])
+        assert Image.open(world / "SegmentationClass" / f"{sample_id}.png").size == image.size
+
+
+def test_captions_are_well_formed(world: Path) -> None:
+    records = toyworld.read_captions(world)
+    labels = json.loads((world / "cls_labels.json").read_text())
+    assert {r["id"] for r in records} == set(labels)
+    words = {name: re.compile(rf"\b({name}|{toyworld._PLURALS[name]})\b") for name in toyworld.TOY_CLASSES}
+    for record in records:
+        caption = record["caption"]
+        assert caption and caption.endswith(".") and caption == caption.strip()
+        named = {name for name, pattern in words.items() if pattern.search(caption)}
+        assert named == {toyworld.TOY_CLASSES[i - 1] for i in record["labels"]}, caption
+        if not record["labels"]:  # background-only: captioned with its background
+            terms = {t for b in record["backgrounds"] for t in toyworld.BACKGROUND_TERMS[b]}
+            assert any(re.search(rf"\b{t}\b", caption) for t in terms), caption
+
+
+def test_co_occurrence_rate_is_at_least_85_percent(tmp_path: Path) -> None:
+    metadata = toyworld.generate_toy_world(
+        tmp_path / "stats",
+        n_train=600,
+        n_val=0,
+        n_background_only=0,
+        n_background_only_val=0,
+        seed=0,
+        progress=False,
+    )
+    stats = metadata["statistics"]
+    assert stats["min_instance_context_rate"] >= 0.85, stats["instance_context_rate"]
+    assert stats["min_image_context_rate"] >= 0.85, stats["image_context_rate"]
+    # ... but not 100%: off-context objects exist, as in real photos.
+    assert max(stats["instance_context_rate"].values()) < 1.0
+    assert set(stats["objects_per_image"]) == {1, 2, 3}
+
+
+def test_prompts_and_background_helpers(world: Path) -> None:
+    prompts = toyworld.toy_prompts()
+    assert prompts["class_names"] == list(toyworld.TOY_CLASSES)
+    assert prompts["backgrounds"]["boat"][0] == "water" and "sea" in prompts["backgrounds"]["boat"]
+    json.dumps(prompts)  # plain data
+    found = list(toyworld.background_only_images(world))
+    assert found and all(b in toyworld.TOY_BACKGROUNDS and p.exists() for _, b, p in found)
+    water = toyworld.render_background_only("water", 3, image_size=64, seed=1)
+    assert water.shape == (3, 64, 64, 3) and water.dtype == np.uint8
+    np.testing.assert_array_equal(water, toyworld.render_background_only("water", 3, image_size=64, seed=1))
+    with pytest.raises(ValueError, match="background"):
+        toyworld.render_background_only("lava", 1)
+
+
+def test_void_border_and_png_option(tmp_path: Path) -> None:
+    toyworld.generate_toy_world(
+        tmp_path / "png",
+        n_train=6,
+        n_val=0,
+        n_background_only=0,
+        n_background_only_val=0,
+        image_format="png",
+        void_border=1,
+        seed=0,
+        progress=False,
+    )
+    ids = _ids(tmp_path / "png", "train_aug")
+    assert (tmp_path / "png" / "JPEGImages" / f"{ids[0]}.png").exists()
+    assert any(255 in np.array(Image.open(tmp_path / "png" / "SegmentationClass" / f"{i}.png")) for i in ids)
+
+
+def test_invalid_arguments_raise(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="image_format"):
+        toyworld.generate_toy_world(tmp_path, n_train=1, image_format="gif", progress=False)
+    with pytest.raises(ValueError, match="image_size"):
+        toyworld.generate_toy_world(tmp_path, n_train=1, image_size=8, progress=False)
+
+
+def test_train_clip_checkpoint_loads_back_with_identical_outputs(world: Path, tmp_path: Path) -> None:
+    samples = clip_training.toy_world_samples(world)
+    out_path = tmp_path / "tiny.pt"
+    result = clip_training.train_clip(
+        samples, epochs=1, max_steps=3, batch_size=8, lr=1e-3, seed=0, out_path=out_path, progress=False
+    )
+    assert out_path.exists() and result.history["epochs"][0]["step"] == 3
+    loaded = open_clip.create_model(clip_training.TINY_CLIP_NAME, pretrained=str(out_path))
+    loaded.eval()
+    fresh = open_clip.create_model(clip_training.TINY_CLIP_NAME)
+    fresh.eval()
+    tokenizer = open_clip.get_tokenizer(clip_training.TINY_CLIP_NAME)
+    images = torch.randn(2, 3, 64, 64)
+    texts = tokenizer(["a photo of boat.", "a photo of water."])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.encode_image(images), result.model.encode_image(images), rtol=0, atol=0
+        )
+        torch.testing.assert_close(loaded.encode_text(texts), result.model.encode_text(texts), rtol=0, atol=0)
+        assert not torch.allclose(fresh.encode_text(texts), loaded.encode_text(texts))
+    # The report runs on the checkpoint (values are meaningless after 3 steps, but well-defined).
+    report = clip_training.zero_shot_report(world, pretrained=out_path, batch_size=16)
+    assert 0.0 <= report["top1_in_labels_all"] <= 1.0
+    assert set(report["per_class"]) == set(toyworld.TOY_CLASSES)
+    assert "ratio" in clip_training.format_report(report)
+
+
+def test_label_captions_for_voc_layout(world: Path) -> None:
+    samples = clip_training.label_caption_samples(world, "train", list(toyworld.TOY_CLASSES))
+    assert len(samples) == len(_ids(world, "train"))
+    assert all(caption.startswith("a photo of ") for _, caption in samples)
+    assert clip_training.label_caption(["person", "car", "dog"]) == "a photo of person, car and dog."
+    with pytest.raises(ValueError, match="class name"):
+        clip_training.label_caption([])
+
+
+def test_soft_masks_keep_about_the_requested_area() -> None:
+    generator = torch.Generator().manual_seed(0)
+    masks = clip_training.random_soft_masks(64, 32, (0.5, 0.5), generator, torch.device("cpu"))
+    assert masks.shape == (64, 1, 32, 32) and masks.min() >= 0 and masks.max() <= 1
+    assert abs(masks.mean().item() - 0.5) < 0.1

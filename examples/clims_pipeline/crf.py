@@ -90,7 +90,7 @@ def dense_crf(image: np.ndarray, probabilities: np.ndarray, params: CRFParams = 
     model.addPairwiseBilateral(
         sxy=params.bilateral_sxy,
         srgb=params.bilateral_srgb,
-        rgbim=np.ascontiguousarray(image),
+        rgbim=np.array(image, dtype=np.uint8, order="C", copy=True),  # pydensecrf rejects read-only buffers
         compat=params.bilateral_compat,
     )
     marginals = model.inference(params.iterations)

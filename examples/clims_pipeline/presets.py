@@ -93,6 +93,71 @@ class EvalCamConfig:
 
 
 @dataclass
+class TrainAffConfig:
+    """PSA's AffinityNet (stage ``train_aff``): labels from the CAMs, then training on them."""
+
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            epochs=8, batch_size=8, lr=0.1, weight_decay=5e-4, momentum=5e-4, log_every=50
+        )
+    )  # PSA: 8 epochs, batch 8, lr 0.1 (10x head), weight decay 5e-4, poly; its SGD also has momentum = wd
+    backbone: str = "resnet50"  # "resnet50" (dilated to output stride 8) or "tiny"
+    weights: str = "imagenet"  # "imagenet" (torchvision), "none" or a local ResNet-50 state dict
+    crop_size: int = 448
+    resize_long: tuple[int, int] = (448, 768)
+    color_jitter: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)  # brightness, contrast, sat., hue
+    radius: int = 5  # pairs within this distance on the stride-8 grid
+    low_power: float = 4.0  # background power for the confident foreground
+    high_power: float = 32.0  # background power for the confident background
+    crf: bool = True  # refine both score maps with the dense CRF (PSA); False: plain arg-max
+
+
+@dataclass
+class MakeRWConfig:
+    """Random walk (stage ``make_rw``): CAMs propagated with AffinityNet's transition matrix."""
+
+    beta: float = 10.0  # A = affinity^beta (PSA: 8; CLIMS camera-ready: 10)
+    exponent: int = 8  # 2^exponent walk steps (PSA "logt" 8; CLIMS "exp_times" 8)
+    background_power: float = 16.0  # background score (1 - max CAM)^power before the walk (PSA: 16)
+    radius: int = 5
+    crf: bool = True  # dense CRF on the walked scores (CLIMS camera-ready: "+RW" is evaluated with crf=1)
+
+
+@dataclass
+class TrainSegConfig:
+    """DeepLabV2 (stage ``train_seg``), deeplab-pytorch's VOC configuration as used by CLIMS."""
+
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            epochs=1000,
+            batch_size=10,
+            lr=2.5e-4,
+            weight_decay=5e-4,
+            momentum=0.9,
+            max_steps=30000,
+            log_every=100,
+        )
+    )  # 30k iterations of batch 10 (max_steps bounds the run; epochs is only an upper bound), poly 0.9
+    backbone: str = "resnet101"  # "resnet101" or "tiny"
+    weights: str = (
+        "imagenet"  # "imagenet" (torchvision), "none", or a local ResNet-101 / DeepLabV2 state dict
+    )
+    crop_size: int = 321
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)  # random rescaling of training images
+    msc_scales: tuple[float, ...] = (0.5, 0.75)  # the extra input scales of the MSC wrapper
+    mask_source: str = "make_rw"  # "make_rw" (pseudo masks) or "ground_truth" (an upper-bound check)
+
+
+@dataclass
+class EvalSegConfig:
+    split: str = "val"
+    test_split: str = "test"  # written in the VOC submission layout when its list exists; "" to skip
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
+    flip: bool = True
+    crf: bool = True  # dense CRF post-processing (needs the crf extra); results record both when enabled
+
+
+@dataclass
 class PipelineConfig:
     preset: str
     variant: str
@@ -103,6 +168,10 @@ class PipelineConfig:
     train_clims: ClimsConfig = field(default_factory=ClimsConfig)
     make_cam: MakeCamConfig = field(default_factory=MakeCamConfig)
     eval_cam: EvalCamConfig = field(default_factory=EvalCamConfig)
+    train_aff: TrainAffConfig = field(default_factory=TrainAffConfig)
+    make_rw: MakeRWConfig = field(default_factory=MakeRWConfig)
+    train_seg: TrainSegConfig = field(default_factory=TrainSegConfig)
+    eval_seg: EvalSegConfig = field(default_factory=EvalSegConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -146,6 +215,24 @@ def build_config(preset: str = "full", variant: str = "paper", dataset: str = "v
         config.train_clims.clip_pretrained = "none"
         config.make_cam = dataclasses.replace(config.make_cam, batch_size=4)
         config.eval_cam.overlays = 4
+        # Stages 6-8 at tiny sizes; the random walk and the CRF still run on the real image sizes.
+        config.train_aff = dataclasses.replace(
+            config.train_aff,
+            train=dataclasses.replace(config.train_aff.train, epochs=1, log_every=2),
+            backbone="tiny",
+            weights="none",
+            crop_size=64,
+            resize_long=(64, 128),
+        )
+        config.make_rw.exponent = 5
+        config.train_seg = dataclasses.replace(
+            config.train_seg,
+            train=dataclasses.replace(config.train_seg.train, max_steps=6, lr=1e-2, log_every=2),
+            backbone="tiny",
+            weights="none",
+            crop_size=65,
+        )
+        config.eval_seg = dataclasses.replace(config.eval_seg, scales=(1.0, 0.5))
     return config
 
 

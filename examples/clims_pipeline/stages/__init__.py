@@ -1,3 +1,13 @@
 """Stage modules. Importing this package registers every stage (see ``clims_pipeline.context``)."""
 
-from . import eval_cam, make_cam, train_cam, train_clims  # noqa: F401
+from . import (  # noqa: F401
+    eval_cam,
+    eval_seg,
+    make_cam,
+    make_rw,
+    report,
+    train_aff,
+    train_cam,
+    train_clims,
+    train_seg,
+)

@@ -1,0 +1,163 @@
+"""Stage ``eval_seg``: DeepLabV2 mIoU on ``val`` (multi-scale + flip, optional dense CRF), test predictions.
+
+Every image of the evaluation split (``eval_seg.split``, ``val``) is segmented at the test scales and their
+mirror images (softmax averaged); with ``eval_seg.crf`` the dense CRF of deeplab-pytorch (10 iterations,
+POS 3/1, BI 4/67/3) post-processes the result. Predictions are palette PNGs in ``<workdir>/eval_seg/<split>/``
+(and ``<split>_crf/``); the mIoU with and without CRF, the per-class table and the settings go to
+``results.json`` under ``seg``. When the test list exists, its predictions are written in the VOC evaluation
+server's layout: ``<workdir>/eval_seg/submission/results/VOC2012/Segmentation/comp6_test_cls/<id>.png``
+(comp6: trained with outside data, i.e. ImageNet/COCO initialisation).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..context import StageContext, register_stage
+from ..crf import DEEPLAB_CRF, dense_crf, require_densecrf
+from ..data import DatasetError, normalize_image
+from ..deeplab import MSC, build_deeplab, multiscale_probabilities
+from ..distributed import barrier
+from ..files import atomic_write, save_png
+from ..metrics import format_iou_table, iou_from_confusion, mean_iou
+from ..training import autocast_context, final_model_path, load_final_model
+from .make_rw import per_class, segmentation_confusion, small_op_threads
+from .train_aff import palette_image
+
+SUBMISSION_SUBDIR = Path("submission") / "results" / "VOC2012" / "Segmentation" / "comp6_test_cls"
+
+
+def test_image_ids(ctx: StageContext) -> list[str]:
+    """The test split's ids, or [] when it is not configured or its list is absent."""
+    split = ctx.config.eval_seg.test_split
+    if not split:
+        return []
+    try:
+        return ctx.validate_split(split)
+    except DatasetError:
+        return []
+
+
+def load_segmentation_network(ctx: StageContext) -> MSC:
+    config = ctx.config.train_seg
+    model = build_deeplab(ctx.source.num_classes + 1, config.backbone, "none", config.msc_scales)
+    load_final_model(final_model_path(ctx, "train_seg"), model)
+    return model.to(ctx.device).eval()
+
+
+def predict(
+    ctx: StageContext, model: MSC, image_ids: list[str], out_dir: Path, crf_dir: Path | None, desc: str
+) -> None:
+    """Write the prediction (and the CRF-refined one) of every image that has none yet; sharded over ranks."""
+    todo = [
+        i
+        for i in image_ids
+        if not (out_dir / f"{i}.png").exists()
+        or (crf_dir is not None and not (crf_dir / f"{i}.png").exists())
+    ]
+    shard = todo[ctx.dist.rank :: ctx.dist.world_size]
+    with small_op_threads(ctx, ctx.config.train_seg.backbone == "tiny"):
+        for image_id in tqdm(shard, desc=desc, disable=not ctx.dist.is_main, dynamic_ncols=True):
+            predict_one(ctx, model, image_id, out_dir, crf_dir)
+    barrier()
+
+
+def predict_one(ctx: StageContext, model: MSC, image_id: str, out_dir: Path, crf_dir: Path | None) -> None:
+    """Multi-scale + flip prediction of one image (and its CRF refinement) as palette PNGs."""
+    config = ctx.config.eval_seg
+    pil_image = ctx.source.load_image(image_id)
+    tensor = torch.from_numpy(normalize_image(pil_image))[None].to(ctx.device)
+    with autocast_context(ctx.device, ctx.amp):
+        probabilities = multiscale_probabilities(model, tensor, config.scales, config.flip).cpu().numpy()
+    save_png(out_dir / f"{image_id}.png", palette_image(probabilities.argmax(axis=0).astype(np.uint8)))
+    if crf_dir is not None:
+        refined = dense_crf(np.asarray(pil_image), probabilities, DEEPLAB_CRF)
+        save_png(crf_dir / f"{image_id}.png", palette_image(refined.argmax(axis=0).astype(np.uint8)))
+
+
+def check_inputs(ctx: StageContext) -> None:
+    ctx.validate_split(ctx.config.eval_seg.split, need_masks=True)
+    if ctx.config.eval_seg.crf:
+        require_densecrf()
+    if not final_model_path(ctx, "train_seg").exists() and "train_seg" not in ctx.requested_stages:
+        raise FileNotFoundError(f"eval_seg reads {final_model_path(ctx, 'train_seg')}: run train_seg first")
+
+
+@register_stage(
+    "eval_seg",
+    order=80,
+    help="DeepLabV2 mIoU on val (multi-scale + flip, optional CRF), per-class table, test predictions",
+    preflight=check_inputs,
+)
+def run(ctx: StageContext) -> None:
+    config = ctx.config.eval_seg
+    stage_dir = ctx.stage_dir("eval_seg")
+    model_path = final_model_path(ctx, "train_seg")
+    # Predictions of an older model must not be reused: they live under the model's modification time.
+    version = f"model-{model_path.stat().st_mtime_ns}"
+    split = config.split
+    image_ids = ctx.validate_split(split, need_masks=True)
+    out_dir = stage_dir / version / split
+    crf_dir = stage_dir / version / f"{split}_crf" if config.crf else None
+    model = load_segmentation_network(ctx)
+    predict(ctx, model, image_ids, out_dir, crf_dir, f"eval_seg {split}")
+
+    class_names = ("background", *ctx.source.class_names)
+    iou_plain = iou_from_confusion(segmentation_confusion(ctx, image_ids, out_dir, len(class_names)))
+    iou_crf = (
+        iou_from_confusion(segmentation_confusion(ctx, image_ids, crf_dir, len(class_names)))
+        if crf_dir is not None
+        else None
+    )
+    iou = iou_crf if iou_crf is not None else iou_plain
+    result = {
+        "miou": round(100 * mean_iou(iou), 2),
+        "miou_no_crf": round(100 * mean_iou(iou_plain), 2),
+        "miou_crf": None if iou_crf is None else round(100 * mean_iou(iou_crf), 2),
+        "per_class": per_class(class_names, iou),
+        "split": split,
+        "images": len(image_ids),
+        "scales": list(config.scales),
+        "flip": config.flip,
+        "crf": config.crf,
+        "crf_params": DEEPLAB_CRF.as_dict() if config.crf else None,
+        "backbone": ctx.config.train_seg.backbone,
+        "init_weights": ctx.config.train_seg.weights,
+        "mask_source": ctx.config.train_seg.mask_source,
+        "train_split": ctx.config.data.train_split,
+        "predictions": str(out_dir if crf_dir is None else crf_dir),
+        "units": "percent",
+    }
+
+    test_ids = test_image_ids(ctx)
+    if test_ids:
+        test_dir = stage_dir / version / config.test_split
+        test_crf_dir = stage_dir / version / f"{config.test_split}_crf" if config.crf else None
+        predict(ctx, model, test_ids, test_dir, test_crf_dir, f"eval_seg {config.test_split}")
+        submission = stage_dir / SUBMISSION_SUBDIR
+        if ctx.dist.is_main:
+            chosen = test_crf_dir if test_crf_dir is not None else test_dir
+            for image_id in test_ids:
+                data = (chosen / f"{image_id}.png").read_bytes()
+                atomic_write(submission / f"{image_id}.png", lambda file, data=data: file.write(data))
+        result["test_submission"] = {
+            "split": config.test_split,
+            "images": len(test_ids),
+            "dir": str(submission),
+        }
+    ctx.update_results({"seg": result})
+    summary = (
+        f"seg (DeepLabV2, {ctx.config.train_seg.backbone}, init {ctx.config.train_seg.weights}) on "
+        f"{ctx.config.dataset} {split} ({len(image_ids)} images), scales {list(config.scales)}"
+        f"{' + flip' if config.flip else ''}: mIoU {result['miou_no_crf']:.2f} without CRF"
+        + (f", {result['miou_crf']:.2f} with CRF" if iou_crf is not None else "")
+    )
+    table = format_iou_table("Segmentation mIoU: DeepLabV2", class_names, iou, summary)
+    if ctx.dist.is_main:
+        atomic_write(stage_dir / "seg_table.md", lambda file: file.write((table + "\n").encode()))
+    ctx.logger("eval_seg").log("done", miou=result["miou"], miou_no_crf=result["miou_no_crf"])
+    ctx.print(table)

@@ -1,0 +1,84 @@
+"""Stage ``report``: ``<workdir>/results.md``, the pipeline's numbers beside the paper's, with their settings.
+
+It reads ``results.json`` (whatever stages have run) and writes one table: CAM mIoU, +RW mIoU and DeepLabV2
+val mIoU beside the CLIMS camera-ready paper's 56.6 / 70.5 / 69.3 (VOC 2012; train, train, val), each with
+the split and the settings that produced it. It runs last with ``--stages all`` and is cheap to rerun.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..context import StageContext, register_stage
+from ..files import atomic_write, read_json
+
+#: CLIMS (CVPR 2022, camera-ready) on PASCAL VOC 2012: Table 1 (train split) and Table 2 (val, ImageNet init).
+PAPER_RESULTS = {
+    "cam": (56.6, "train (1,464 images)", "ResNet-50 CAM, CLIMS"),
+    "rw": (70.5, "train (1,464 images)", "PSA random walk (beta 10, exp_times 8) + CRF"),
+    "seg": (69.3, "val (1,449 images)", "DeepLabV2-ResNet-101, ImageNet init (COCO init: 70.4)"),
+}
+ROWS = (("cam", "CAM"), ("rw", "+RW pseudo masks"), ("seg", "DeepLabV2 val"))
+
+
+def _settings(key: str, entry: dict[str, Any]) -> str:
+    if key == "cam":
+        return f"{entry.get('source', '?')}, best background threshold {entry.get('threshold')}, no CRF"
+    if key == "rw":
+        return (
+            f"beta {entry.get('beta')}, 2^{entry.get('exponent')} steps, background power "
+            f"{entry.get('background_power')}, radius {entry.get('radius')}, "
+            f"CRF {'on' if entry.get('crf') else 'off'}"
+        )
+    crf_part = f"CRF on ({entry.get('miou_no_crf')} without)" if entry.get("crf") else "CRF off"
+    return (
+        f"{entry.get('backbone')}, init {entry.get('init_weights')}, scales {entry.get('scales')}"
+        f"{' + flip' if entry.get('flip') else ''}, {crf_part}, trained on {entry.get('mask_source')} masks"
+    )
+
+
+def render_results_markdown(results: dict[str, Any], header: str) -> str:
+    lines = [
+        "# CLIMS pipeline results",
+        "",
+        header,
+        "",
+        "| stage | mIoU (%) | split | settings | paper (%) | paper split and settings |",
+        "| --- | ---: | --- | --- | ---: | --- |",
+    ]
+    for key, label in ROWS:
+        paper_miou, paper_split, paper_settings = PAPER_RESULTS[key]
+        entry = results.get(key)
+        if entry is None:
+            lines.append(f"| {label} | not run | | | {paper_miou} | {paper_split}; {paper_settings} |")
+            continue
+        split = f"{entry.get('split')} ({entry.get('images')} images)"
+        lines.append(
+            f"| {label} | {entry['miou']:.2f} | {split} | {_settings(key, entry)} | {paper_miou} | "
+            f"{paper_split}; {paper_settings} |"
+        )
+    baseline = results.get("cam_baseline")
+    if baseline is not None:
+        lines += [
+            "",
+            f"Baseline CAM (train_cam, before CLIMS): {baseline['miou']:.2f} on {baseline.get('split')}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+@register_stage("report", order=90, help="results.md: every stage's mIoU beside the paper's, with settings")
+def run(ctx: StageContext) -> None:
+    if not ctx.dist.is_main:
+        return
+    results = read_json(ctx.results_path) if ctx.results_path.exists() else {}
+    config = ctx.config
+    header = (
+        f"Dataset {config.dataset}, preset `{config.preset}`, variant `{config.variant}`, training split "
+        f"`{config.data.train_split}`, {ctx.dist.world_size} process(es) on {ctx.device}. The `smoke` preset "
+        "uses tiny networks: a plumbing check, not a reproduction; only the `full` preset is comparable."
+    )
+    text = render_results_markdown(results, header)
+    path = ctx.workdir / "results.md"
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
+    ctx.print(text)
+    ctx.print(f"[report] wrote {path}")

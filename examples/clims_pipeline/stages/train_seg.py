@@ -1,0 +1,123 @@
+"""Stage ``train_seg``: DeepLabV2-ResNet-101 (ASPP 6/12/18/24, MSC) trained on the pseudo masks (make_rw).
+
+deeplab-pytorch's VOC configuration as CLIMS used it: batch 10, 30k iterations, lr 2.5e-4 with poly 0.9
+(10x on ASPP), momentum 0.9, weight decay 5e-4, random rescaling by 0.5-1.5, flip, crop 321 (image padded with
+the mean, masks with 255), initialised from ImageNet or COCO weights in a local file (``train_seg.weights``).
+The shared trainer gives DDP, AMP, checkpoints and resuming.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..context import StageContext, register_stage
+from ..data import SegmentationSource
+from ..deeplab import build_deeplab, msc_loss
+from ..presets import TrainSegConfig
+from ..training import final_model_path, train_network
+from .make_rw import mask_directory
+from .train_aff import crop_image_and_labels, read_label_png
+
+
+class SegmentationCropDataset(Dataset):
+    """Random-scale, flip and crop of (image, mask) pairs, indexed by ``(epoch, index)``."""
+
+    def __init__(
+        self,
+        source: SegmentationSource,
+        image_ids: list[str],
+        mask_dir: Path | None,
+        config: TrainSegConfig,
+        seed: int,
+    ):
+        self.source = source
+        self.image_ids = list(image_ids)
+        self.mask_dir = mask_dir  # None: the dataset's ground-truth masks
+        self.config = config
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def load_mask(self, image_id: str) -> np.ndarray:
+        if self.mask_dir is None:
+            return self.source.load_mask(image_id)
+        return read_label_png(self.mask_dir / f"{image_id}.png")
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        image_id = self.image_ids[index]
+        image = self.source.load_image(image_id)
+        mask = Image.fromarray(self.load_mask(image_id))
+        scale = float(rng.choice(self.config.scales))
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image, mask = image.resize(size, Image.BILINEAR), mask.resize(size, Image.NEAREST)
+        if rng.random() < 0.5:
+            image, mask = image.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)
+        crop, labels = crop_image_and_labels(image, np.asarray(mask), self.config.crop_size, rng)
+        return {"image": torch.from_numpy(crop), "label": torch.from_numpy(labels), "index": index}
+
+
+def training_masks(ctx: StageContext) -> Path | None:
+    source = ctx.config.train_seg.mask_source
+    if source == "make_rw":
+        return mask_directory(ctx)
+    if source == "ground_truth":
+        return None
+    raise ValueError(f"expected train_seg.mask_source 'make_rw' or 'ground_truth', got {source!r}")
+
+
+def check_inputs(ctx: StageContext) -> None:
+    ctx.validate_split(ctx.config.data.train_split)
+    mask_dir = training_masks(ctx)
+    if mask_dir is not None and not mask_dir.is_dir() and "make_rw" not in ctx.requested_stages:
+        raise FileNotFoundError(f"train_seg reads the pseudo masks in {mask_dir}: run make_rw first")
+
+
+@register_stage(
+    "train_seg",
+    order=70,
+    help="DeepLabV2-ResNet-101 (ASPP, MSC) on the pseudo masks, deeplab-pytorch's VOC settings",
+    preflight=check_inputs,
+)
+def run(ctx: StageContext) -> None:
+    config = ctx.config.train_seg
+    if final_model_path(ctx, "train_seg").exists() and not ctx.force:
+        ctx.print(f"[train_seg] done already: {final_model_path(ctx, 'train_seg')} (use --force to retrain)")
+        return
+    split = ctx.config.data.train_split
+    image_ids = ctx.validate_split(split)
+    mask_dir = training_masks(ctx)
+    if mask_dir is not None:
+        missing = [i for i in image_ids if not (mask_dir / f"{i}.png").is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"train_seg: {len(missing)} pseudo masks missing, e.g. {mask_dir / missing[0]}.png"
+            )
+    dataset = SegmentationCropDataset(ctx.source, image_ids, mask_dir, config, ctx.seed)
+    torch.manual_seed(ctx.seed)
+    model = build_deeplab(ctx.source.num_classes + 1, config.backbone, config.weights, config.msc_scales)
+
+    def loss_fn(
+        network: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return msc_loss(network(batch["image"]), batch["label"]), {}
+
+    meta = {
+        "backbone": config.backbone,
+        "weights": config.weights,
+        "crop_size": config.crop_size,
+        "scales": list(config.scales),
+        "msc_scales": list(config.msc_scales),
+        "mask_source": config.mask_source,
+        "train_split": split,
+    }
+    train_network(ctx, "train_seg", model, dataset, config.train, loss_fn, meta)  # type: ignore[arg-type]

@@ -237,6 +237,7 @@ def _write_tiny_coco(root: Path) -> None:
         )
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs numpy 2
 def test_coco_labels_and_semantic_masks(tmp_path: Path) -> None:
     pytest.importorskip("pycocotools")
     _write_tiny_coco(tmp_path / "coco")

@@ -33,25 +33,49 @@ def mini_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_mini_voc(tmp_path_factory.mktemp("mini_voc"), train=16, val=2)
 
 
-def test_killed_training_resumes_to_the_uninterrupted_result(mini_voc: Path, tmp_path: Path) -> None:
-    reference = run_subprocess(["--voc-root", mini_voc, "--workdir", tmp_path / "reference", *TRAIN])
+@pytest.fixture(scope="module")
+def reference_state(mini_voc: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The parameters of an uninterrupted run."""
+    workdir = tmp_path_factory.mktemp("reference")
+    reference = run_subprocess(["--voc-root", mini_voc, "--workdir", workdir, *TRAIN])
     assert reference.returncode == 0, reference.stderr[-3000:]
+    return load_state(workdir / "train_cam" / "model.pt")
 
-    workdir = tmp_path / "killed"
+
+def _kill_mid_run(mini_voc: Path, workdir: Path) -> None:
     killed = run_subprocess(["--voc-root", mini_voc, "--workdir", workdir, *TRAIN], env=KILL_ENV)
     assert killed.returncode == -signal.SIGKILL
     assert (workdir / "train_cam" / "checkpoint.pt").is_file()
     assert not (workdir / "train_cam" / "model.pt").exists()
     assert not list((workdir / "train_cam").glob(".*partial"))  # no half-written file left behind
 
+
+def _assert_same_parameters(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, atol=1e-6, rtol=0, msg=f"parameter {key} differs")
+
+
+def test_killed_training_resumes_to_the_uninterrupted_result(
+    mini_voc: Path, tmp_path: Path, reference_state: dict[str, torch.Tensor]
+) -> None:
+    workdir = tmp_path / "killed"
+    _kill_mid_run(mini_voc, workdir)
     resumed = run_subprocess(["--voc-root", mini_voc, "--workdir", workdir, *TRAIN])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "(epoch 1, step 2)" in resumed.stdout
+    _assert_same_parameters(load_state(workdir / "train_cam" / "model.pt"), reference_state)
 
-    expected = load_state(tmp_path / "reference" / "train_cam" / "model.pt")
-    actual = load_state(workdir / "train_cam" / "model.pt")
-    for key, value in expected.items():
-        torch.testing.assert_close(actual[key], value, atol=1e-6, rtol=0, msg=f"parameter {key} differs")
+
+def test_single_process_run_resumes_under_torchrun(
+    mini_voc: Path, tmp_path: Path, reference_state: dict[str, torch.Tensor]
+) -> None:
+    # The global batches do not depend on the number of processes, so neither does the result.
+    workdir = tmp_path / "killed"
+    _kill_mid_run(mini_voc, workdir)
+    resumed = run_subprocess(["--voc-root", mini_voc, "--workdir", workdir, *TRAIN], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "processes 2" in resumed.stdout
+    _assert_same_parameters(load_state(workdir / "train_cam" / "model.pt"), reference_state)
 
 
 def test_checkpoint_from_other_settings_is_refused(mini_voc: Path, tmp_path: Path) -> None:

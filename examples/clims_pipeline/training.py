@@ -129,7 +129,9 @@ def train_network(
     )
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp and ctx.device.type == "cuda")
 
-    fingerprint = {"train": asdict(config), "seed": ctx.seed, "world_size": world, **meta}
+    # The number of processes is not part of the fingerprint: the global batches, and so the optimisation, do
+    # not depend on it, so a run may resume on another number of GPUs.
+    fingerprint = {"train": asdict(config), "seed": ctx.seed, **meta}
     start_epoch, step = 0, 0
     if checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)

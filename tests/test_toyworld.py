@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import clims_loss as cl
 from examples.clims_pipeline import clip_training, toyworld
 
 SMALL = dict(
@@ -131,7 +132,9 @@ def test_co_occurrence_rate_is_at_least_85_percent(tmp_path: Path) -> None:
 def test_prompts_and_background_helpers(world: Path) -> None:
     prompts = toyworld.toy_prompts()
     assert prompts["class_names"] == list(toyworld.TOY_CLASSES)
-    assert prompts["backgrounds"]["boat"][0] == "water" and "sea" in prompts["backgrounds"]["boat"]
+    assert (
+        prompts["class_backgrounds"]["boat"][0] == "water" and "sea" in prompts["class_backgrounds"]["boat"]
+    )
     json.dumps(prompts)  # plain data
     found = list(toyworld.background_only_images(world))
     assert found and all(b in toyworld.TOY_BACKGROUNDS and p.exists() for _, b, p in found)
@@ -186,6 +189,18 @@ def test_train_clip_checkpoint_loads_back_with_identical_outputs(world: Path, tm
         )
         torch.testing.assert_close(loaded.encode_text(texts), result.model.encode_text(texts), rtol=0, atol=0)
         assert not torch.allclose(fresh.encode_text(texts), loaded.encode_text(texts))
+    # The library's evaluator loads the same file with the toy world's prompts, and its loss is finite.
+    registry = cl.BackgroundPromptRegistry(**toyworld.toy_prompts())
+    assert registry.backgrounds_for("boat")[0] == "water"
+    evaluator = cl.CLIPTextDrivenEvaluator.from_pretrained(
+        clip_training.TINY_CLIP_NAME, pretrained=out_path, prompts=registry
+    )
+    labels = torch.zeros(2, len(toyworld.TOY_CLASSES))
+    labels[0, 1] = labels[1, 3] = 1
+    cams = torch.rand(2, len(toyworld.TOY_CLASSES), 16, 16, requires_grad=True)
+    loss = evaluator(torch.rand(2, 3, 64, 64), cams, labels).loss
+    loss.backward()
+    assert torch.isfinite(loss) and cams.grad is not None
     # The report runs on the checkpoint (values are meaningless after 3 steps, but well-defined).
     report = clip_training.zero_shot_report(world, pretrained=out_path, batch_size=16)
     assert 0.0 <= report["top1_in_labels_all"] <= 1.0

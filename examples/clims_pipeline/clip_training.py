@@ -42,7 +42,7 @@ TINY_CLIP_NAME = "clims-tiny-clip"
 # The paper's CLIP fine-tuning on label captions (camera-ready CLIMS).
 PAPER_FINETUNE: dict[str, float] = {"lr": 5e-5, "epochs": 20, "weight_decay": 0.003}
 # From scratch on the toy world (measured: see the module's __main__ / toyworld.main).
-TOY_FROM_SCRATCH: dict[str, float] = {"lr": 2e-3, "epochs": 10, "weight_decay": 0.1}
+TOY_FROM_SCRATCH: dict[str, float] = {"lr": 2e-3, "epochs": 5, "weight_decay": 0.1}
 
 ImageSource = str | os.PathLike | np.ndarray | Image.Image
 

@@ -93,7 +93,7 @@ _SPLIT_CODES: dict[str, int] = {
     "background_only_val": 4,
 }
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Object width as a fraction of the image side: (min, max). Trains are long, birds small.
 _CLASS_SCALE: dict[str, tuple[float, float]] = {
@@ -113,6 +113,15 @@ _CLASS_ANCHOR_V: dict[str, float] = {
     "cow": 0.33,
     "car": 0.24,
     "bird": 0.0,
+}
+# Top and bottom of each drawing in the same unit coordinates (to keep objects inside the frame).
+_CLASS_EXTENT_V: dict[str, tuple[float, float]] = {
+    "aeroplane": (-0.22, 0.34),
+    "boat": (-0.62, 0.16),
+    "train": (-0.16, 0.17),
+    "cow": (-0.26, 0.33),
+    "car": (-0.25, 0.24),
+    "bird": (-0.22, 0.15),
 }
 _CLASS_MAX_TILT_DEG: dict[str, float] = {
     "aeroplane": 15.0,
@@ -611,12 +620,23 @@ def _place_objects(
         instance_map = np.full((size, size), -1, np.int64)
         full_areas = []
         for instance, (name, context) in enumerate(zip(classes, contexts, strict=True)):
-            region = np.flatnonzero(index_map == names.index(context))
-            anchor = region[int(rng.integers(len(region)))]
-            anchor_y, anchor_x = divmod(int(anchor), size)
             width = rng.uniform(*_CLASS_SCALE[name]) * size
-            # Keep most of the object inside the frame: clamp the anchor horizontally.
-            anchor_x = float(np.clip(anchor_x + 0.5, width * 0.35, size - width * 0.35))
+            # The anchor lies on the chosen background, and far enough from the frame's edges that at
+            # most ~15% of the object is cut off (a caption should not name a train that is not there).
+            v_top, v_bottom = _CLASS_EXTENT_V[name]
+            anchor_v = _CLASS_ANCHOR_V[name]
+            band = (
+                (ys >= (anchor_v - v_top) * width * 0.85)
+                & (ys <= size - (v_bottom - anchor_v) * width * 0.85)
+                & (xs >= width * 0.42)
+                & (xs <= size - width * 0.42)
+            )
+            on_background = index_map == names.index(context)
+            region = np.flatnonzero(on_background & band)
+            if len(region) == 0:  # a thin strip of background: accept a larger cut-off
+                region = np.flatnonzero(on_background)
+            anchor_y, anchor_x = divmod(int(region[int(rng.integers(len(region)))]), size)
+            anchor_x += 0.5
             flip = -1.0 if rng.random() < 0.5 else 1.0
             tilt = math.radians(rng.uniform(-1, 1) * _CLASS_MAX_TILT_DEG[name])
             dx, dy = (xs - anchor_x) / width, (ys - (anchor_y + 0.5)) / width
@@ -1082,15 +1102,18 @@ def measure_statistics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def toy_prompts(template: str = "a photo of {}.") -> dict[str, Any]:
-    """Class names, prompt template and each class's co-occurring background terms, as plain data.
+    """Class names, prompt templates and each class's co-occurring background terms, as plain data.
 
-    ``BackgroundPromptRegistry`` can be built from it: ``backgrounds`` maps each class to the words the
-    captions use for its background, e.g. ``{"boat": ["water", "sea", "lake", "river"], ...}``.
+    The keys are ``BackgroundPromptRegistry``'s field names, so ``BackgroundPromptRegistry(**toy_prompts())``
+    builds the registry; ``class_backgrounds`` maps each class to the words the captions use for its
+    background, e.g. ``{"boat": ["water", "sea", "lake", "river"], ...}``.
     """
     return {
+        "name": "toy",
         "class_names": list(TOY_CLASSES),
         "template": template,
-        "backgrounds": {c: list(BACKGROUND_TERMS[CLASS_BACKGROUND[c]]) for c in TOY_CLASSES},
+        "background_template": template,
+        "class_backgrounds": {c: list(BACKGROUND_TERMS[CLASS_BACKGROUND[c]]) for c in TOY_CLASSES},
     }
 
 
@@ -1165,7 +1188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="CHECKPOINT",
         help="also train the tiny CLIP on the captions and save it here",
     )
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument(

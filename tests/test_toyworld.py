@@ -222,3 +222,17 @@ def test_soft_masks_keep_about_the_requested_area() -> None:
     masks = clip_training.random_soft_masks(64, 32, (0.5, 0.5), generator, torch.device("cpu"))
     assert masks.shape == (64, 1, 32, 32) and masks.min() >= 0 and masks.max() <= 1
     assert abs(masks.mean().item() - 0.5) < 0.1
+
+
+def test_train_clip_resumes_instead_of_repeating(world: Path, tmp_path: Path) -> None:
+    samples = clip_training.toy_world_samples(world)
+    settings = dict(epochs=2, batch_size=8, lr=1e-3, seed=0, out_path=tmp_path / "c.pt", progress=False)
+    first = clip_training.train_clip(samples, **settings)
+    assert Path(str(settings["out_path"]) + ".resume").exists()
+    again = clip_training.train_clip(samples, **settings)  # complete: loads the state, trains nothing
+    assert again.history["epochs"] == first.history["epochs"]
+    texts = open_clip.get_tokenizer(clip_training.TINY_CLIP_NAME)(["a photo of cow."])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            again.model.encode_text(texts), first.model.encode_text(texts), rtol=0, atol=0
+        )

@@ -2,10 +2,19 @@
 
 Two uses, one function:
 
-* the toy world: a tiny CLIP (``TINY_CLIP_NAME``, about 4.5M parameters, 64 px) trained from scratch on
-  the toy world's captions in a few minutes on a CPU;
+* the toy world: a tiny CLIP (``TINY_CLIP_NAME``: open_clip's ModifiedResNet image tower, widths
+  16-512, one block per stage, at 64 px; a 3-layer, 64-wide text transformer; 4.7M parameters, 3.2M of
+  them the 49,408-token embedding) trained from scratch on the toy world's captions on a CPU::
+
+      samples = toy_world_samples(root, ["train_aug", "background_only_train"])
+      train_clip(samples, model_name=TINY_CLIP_NAME, **TOY_FROM_SCRATCH, batch_size=128, out_path=...)
+
 * real data: the camera-ready CLIMS recipe, fine-tuning CLIP on label captions ("a photo of {class
-  names}.") with lr 5e-5, 20 epochs and weight decay 0.003 (``PAPER_FINETUNE``).
+  names}.") with lr 5e-5, 20 epochs and weight decay 0.003 (``PAPER_FINETUNE``)::
+
+      samples = label_caption_samples(voc_root, "train_aug", VOC_CLASS_NAMES)
+      train_clip(samples, model_name="ViT-B-32", pretrained=<openai weights file>, quick_gelu=True,
+                 **PAPER_FINETUNE, batch_size=..., out_path=...)
 
 The checkpoint is a plain ``{"state_dict": ...}`` file, so ``open_clip.create_model(name,
 pretrained=<file>)`` (and therefore ``CLIPTextDrivenEvaluator.from_pretrained(name, pretrained=<file>)``)
@@ -16,6 +25,9 @@ is imported; a process that loads the checkpoint must import this module (or cal
 ``zero_shot_report`` measures zero-shot accuracy on held-out toy-world images and the co-occurrence
 bias: how similar background-only images (water alone) are to a class prompt ("boat") compared with
 real images of that class.
+
+CPU note: these models are small; on a shared 2-core machine ``torch.set_num_threads(1)`` was ~10x
+faster than 2 threads for batch-8 steps (OpenMP threads spin while other processes hold the cores).
 """
 
 from __future__ import annotations
@@ -242,11 +254,19 @@ def create_model(
     model_name: str,
     pretrained: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = None,
+    quick_gelu: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
-    """open_clip model + tokenizer; ``pretrained`` is a tag or a checkpoint file (as open_clip takes it)."""
+    """open_clip model + tokenizer; ``pretrained`` is a tag or a checkpoint file (as open_clip takes it).
+
+    ``quick_gelu``: OpenAI's CLIP weights (and models fine-tuned from them) need QuickGELU; a model built
+    with plain GELU loads them silently and computes worse features.
+    """
     register_model_configs()
     model = open_clip.create_model(
-        model_name, pretrained=str(pretrained) if pretrained else None, device=_default_device(device)
+        model_name,
+        pretrained=str(pretrained) if pretrained else None,
+        device=_default_device(device),
+        force_quick_gelu=quick_gelu,
     )
     return model, open_clip.get_tokenizer(model_name)
 
@@ -277,6 +297,7 @@ def train_clip(
     max_steps: int | None = None,
     resume: bool = True,
     progress: bool = True,
+    quick_gelu: bool = False,
 ) -> ClipTrainingResult:
     """Train (``pretrained=None``) or fine-tune an open_clip model contrastively on (image, caption) pairs.
 
@@ -296,7 +317,7 @@ def train_clip(
     device = _default_device(device)
     torch.manual_seed(seed)
     random.seed(seed)
-    model, tokenizer = create_model(model_name, pretrained, device)
+    model, tokenizer = create_model(model_name, pretrained, device, quick_gelu=quick_gelu)
     size = _image_size(model)
     mean, std = _normaliser(model, device)
     images = _load_images([s[0] for s in samples], size, progress)
@@ -333,6 +354,7 @@ def train_clip(
         "samples": len(samples),
         "augment": asdict(augment) if augment else None,
         "total_steps": total_steps,
+        "quick_gelu": quick_gelu,
     }
     history: dict[str, Any] = {"meta": meta, "epochs": []}
     resume_path = Path(str(out_path) + ".resume")
@@ -477,6 +499,7 @@ def zero_shot_report(
     template: str = "a photo of {}.",
     device: str | torch.device | None = None,
     batch_size: int = 256,
+    quick_gelu: bool = False,
 ) -> dict[str, Any]:
     """Zero-shot accuracy and co-occurrence bias of a CLIP on a toy world's held-out images.
 
@@ -499,7 +522,7 @@ def zero_shot_report(
 
     root = Path(root)
     device = _default_device(device)
-    model, tokenizer = create_model(model_name, pretrained, device)
+    model, tokenizer = create_model(model_name, pretrained, device, quick_gelu=quick_gelu)
     model.eval()
     size = _image_size(model)
     mean, std = _normaliser(model, device)

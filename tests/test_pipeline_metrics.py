@@ -78,3 +78,40 @@ def test_config_overrides_are_checked() -> None:
     assert config.make_cam.scales == (1.0, 0.5)
     with pytest.raises(ValueError, match="epoch"):
         apply_override(config, "train_cam.epoch=3")
+
+
+def test_run_logger_writes_jsonl_and_tensorboard_scalars_when_available(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+    import types
+
+    from clims_pipeline.context import RunLogger
+
+    scalars: list[tuple[str, float, int]] = []
+
+    class FakeSummaryWriter:
+        def __init__(self, log_dir: str) -> None:
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            scalars.append((tag, value, step))
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    fake_module = types.ModuleType("torch.utils.tensorboard")
+    fake_module.SummaryWriter = FakeSummaryWriter  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake_module)
+    logger = RunLogger(tmp_path / "logs" / "s.jsonl", tmp_path / "tb", enabled=True)
+    logger.log("train", step=3, loss=0.5, note="text")
+    logger.close()
+    record = json.loads((tmp_path / "logs" / "s.jsonl").read_text())
+    assert record["event"] == "train" and record["step"] == 3 and record["loss"] == 0.5
+    assert scalars == [("train/loss", 0.5, 3)]
+    silent = RunLogger(tmp_path / "other.jsonl", None, enabled=False)  # ranks other than 0
+    silent.log("train", step=1, loss=1.0)
+    assert not (tmp_path / "other.jsonl").exists()

@@ -114,7 +114,6 @@ def test_baseline_cams_get_their_own_results_key(smoke_run: tuple[Path, Path, st
     assert results["cam_baseline"]["source"] == "train_cam"
 
 
-@pytest.mark.slow
 def test_documented_smoke_command_under_torchrun(tmp_path: Path) -> None:
     from pipeline_helpers import run_subprocess
 

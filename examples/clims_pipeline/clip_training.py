@@ -306,7 +306,8 @@ def train_clip(
     224 px (1.6 GB). The loss is ``open_clip.ClipLoss``; AdamW with linear warm-up then cosine decay;
     the logit scale is clamped at 100 as in CLIP. After each epoch the model is written atomically to
     ``out_path`` and the optimizer state to ``<out_path>.resume``, so an interrupted run resumes (with
-    ``resume``); a finished run is not repeated.
+    ``resume``); a finished run is not repeated. A resumed run sees the same batches as an uninterrupted
+    one, but other random masks (the mask generator's state is not saved).
     """
     if not samples:
         raise ValueError("expected at least one (image, caption) sample, got none")
@@ -366,6 +367,8 @@ def train_clip(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_epoch, step, history = state["epoch"], state["step"], state["history"]
+        elif progress:
+            print(f"{resume_path} is from other settings; training from the start")
     generator = torch.Generator().manual_seed(seed)
     mask_generator = torch.Generator().manual_seed(seed + 1)
     # Shuffle orders are drawn for every epoch up front so a resumed run sees the same batches.

@@ -1237,13 +1237,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         seed=args.seed,
         out_path=args.train_clip,
     )
-    print(f"tiny CLIP trained in {time.perf_counter() - started:.1f} s -> {args.train_clip}")
+    train_seconds = time.perf_counter() - started
+    print(f"tiny CLIP trained in {train_seconds:.1f} s -> {args.train_clip}")
     started = time.perf_counter()
     report = clip_training.zero_shot_report(
         args.root, model_name=clip_training.TINY_CLIP_NAME, pretrained=args.train_clip
     )
     print(clip_training.format_report(report))
     print(f"(report in {time.perf_counter() - started:.1f} s)")
+    report["wall_seconds"] = {
+        "generation": metadata["generation_seconds"],
+        "clip_training": round(train_seconds, 1),
+        "report": round(time.perf_counter() - started, 1),
+    }
+    report["torch_threads"] = torch.get_num_threads()
+    report_path = args.train_clip.with_name(args.train_clip.name + ".report.json")
+    _write_text_atomic(report_path, json.dumps(report, indent=2))
+    print(f"report written to {report_path}")
 
 
 if __name__ == "__main__":

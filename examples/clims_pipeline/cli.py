@@ -74,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="an extra open_clip model-config JSON to register (its file stem "
         "becomes a model name for --clip)",
     )
+    parser.add_argument(
+        "--backgrounds",
+        help="train_clims background prompts: preset (the variant's, default), mined (the file stage "
+        "mine_backgrounds writes) or a registry JSON file (its backgrounds replace the variant's)",
+    )
+    parser.add_argument("--mine-top-l", type=int, help="mine_backgrounds: at most this many terms per class")
+    parser.add_argument("--mine-margin", type=float, help="mine_backgrounds: a term's score must exceed this")
+    parser.add_argument(
+        "--mine-vocabulary",
+        help="mine_backgrounds: candidate terms, one per line (default: clims_loss's ~150 stuff terms)",
+    )
     parser.add_argument("--epochs-cam", type=int, help="override train_cam.train epochs")
     parser.add_argument("--epochs-clims", type=int, help="override train_clims epochs")
     parser.add_argument("--num-workers", type=int, help="data-loader workers per process")
@@ -109,6 +120,10 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
         "network.weights": args.backbone_weights,
         "train_clims.clip": args.clip,
         "train_clims.clip_pretrained": args.clip_pretrained,
+        "train_clims.backgrounds": args.backgrounds,
+        "mine_backgrounds.top_l": args.mine_top_l,
+        "mine_backgrounds.margin": args.mine_margin,
+        "mine_backgrounds.vocabulary": args.mine_vocabulary,
         "train_cam.epochs": args.epochs_cam,
         "train_clims.train.epochs": args.epochs_clims,
     }

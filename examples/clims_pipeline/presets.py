@@ -71,6 +71,21 @@ class ClimsConfig:
     loss_weights: dict[str, float] | None = None  # None: the prompt preset's own weights (otm, btm, cbs, reg)
     clip: str = "ViT-B-32"
     clip_pretrained: str = "openai"  # an open_clip tag, a local checkpoint file, or "none" (random init)
+    # Background prompts: "preset" (the variant's), "mined" (stage mine_backgrounds' file) or a registry JSON.
+    backgrounds: str = "preset"
+
+
+@dataclass
+class MineBackgroundsConfig:
+    """Stage ``mine_backgrounds``: each class's co-occurring backgrounds, ranked by CLIP (docs/mining.md)."""
+
+    top_l: int = 3  # at most this many terms per class
+    margin: float = 0.0  # a term's score must exceed this
+    vocabulary: str = ""  # a text file with one term per line; "" = clims_loss.DEFAULT_BACKGROUND_VOCABULARY
+    max_objectness: float = 2.0  # terms this many std. dev. closer to the class's text are synonyms
+    objectness_penalty: float = 0.02
+    batch_size: int = 64  # images per CLIP forward
+    max_images: int | None = None  # a seeded random subset of the training split; None = all of it
 
 
 @dataclass
@@ -165,6 +180,7 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     train_cam: TrainConfig = field(default_factory=TrainConfig)
+    mine_backgrounds: MineBackgroundsConfig = field(default_factory=MineBackgroundsConfig)
     train_clims: ClimsConfig = field(default_factory=ClimsConfig)
     make_cam: MakeCamConfig = field(default_factory=MakeCamConfig)
     eval_cam: EvalCamConfig = field(default_factory=EvalCamConfig)

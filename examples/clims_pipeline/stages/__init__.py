@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     eval_seg,
     make_cam,
     make_rw,
+    mine_backgrounds,
     report,
     train_aff,
     train_cam,

@@ -23,6 +23,7 @@ from ..training import (
     load_final_model,
     train_network,
 )
+from .mine_backgrounds import check_finished_model, preflight_backgrounds, resolve_backgrounds
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -43,7 +44,7 @@ def build_evaluator(ctx: StageContext) -> Any:
 
     clims_config = ctx.config.train_clims
     register_clip_configs(getattr(ctx.args, "clip_config", None))
-    prompts = cl.BackgroundPromptRegistry.preset(clims_config.prompts)
+    prompts, _ = resolve_backgrounds(ctx)  # the variant's registry, or its backgrounds from --backgrounds
     if tuple(prompts.class_names) and len(prompts.class_names) != ctx.source.num_classes:
         raise ValueError(
             f"prompt preset {clims_config.prompts!r} has {len(prompts.class_names)} classes, the "
@@ -92,14 +93,21 @@ def data_parallel_loss(out: Any, evaluator: Any, world_size: int) -> torch.Tenso
     )
 
 
+def preflight(ctx: StageContext) -> None:
+    check_training_data(ctx)
+    preflight_backgrounds(ctx)
+
+
 @register_stage(
     "train_clims",
     order=20,
     help="train the CLIMS network with the CLIP text-driven evaluator",
-    preflight=check_training_data,
+    preflight=preflight,
 )
 def run(ctx: StageContext) -> None:
+    _, backgrounds = resolve_backgrounds(ctx)
     if final_model_path(ctx, "train_clims").exists() and not ctx.force:
+        check_finished_model(ctx, final_model_path(ctx, "train_clims"), backgrounds)
         ctx.print(
             f"[train_clims] done already: {final_model_path(ctx, 'train_clims')} (use --force to retrain)"
         )
@@ -112,6 +120,10 @@ def run(ctx: StageContext) -> None:
     ctx.logger("train_clims").log(
         "evaluator",
         prompts=ctx.config.train_clims.prompts,
+        backgrounds=backgrounds,
+        background_terms={
+            c: list(evaluator.prompts.backgrounds_for(c)) for c in evaluator.prompts.class_names
+        },
         weights=evaluator.weights.as_dict(),
         clip=ctx.config.train_clims.clip,
         clip_pretrained=ctx.config.train_clims.clip_pretrained,
@@ -132,6 +144,9 @@ def run(ctx: StageContext) -> None:
     meta = {
         "init": {"steps": init_meta.get("steps")},
         "prompts": ctx.config.train_clims.prompts,
+        # A resumed run must use the same background prompts. Left out for the preset, so that checkpoints
+        # written before --backgrounds existed still resume.
+        **({} if backgrounds["backgrounds"] == "preset" else {"backgrounds": backgrounds}),
         "loss_weights": evaluator.weights.as_dict(),
         "clip": ctx.config.train_clims.clip,
         "clip_pretrained": ctx.config.train_clims.clip_pretrained,

@@ -335,17 +335,13 @@ def _voc_official() -> BackgroundPromptRegistry:
 
 
 def _coco() -> BackgroundPromptRegistry:
-    return BackgroundPromptRegistry(
+    # The official COCO run is the improved recipe with COCO's classes, backgrounds, weights and hinge.
+    return _voc_official().replace(
         name="coco",
         class_names=_COCO_OFFICIAL_NAMES,
-        template="a photo of {}.",
         global_backgrounds=_COCO_OFFICIAL_BACKGROUNDS,
-        background_template="a photo of {}.",
         weights=LossWeights(2.0, 14.0, 1.25, 0.2),
         cbs_threshold=0.285,
-        cbs_prompt_reduction="sum",
-        cbs_reduction="sum",
-        masking="pass_through",
     )
 
 

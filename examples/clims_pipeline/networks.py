@@ -108,12 +108,58 @@ class TinyBackbone(nn.Module):
         return self.layers(self.stem(x))
 
 
+class ToyBackbone(nn.Module):
+    """A small conv net at output stride 4 for the toy world's 64-pixel images (maps of 16 x 16).
+
+    At output stride 16 a 64-pixel image gives 4 x 4 maps, too coarse to outline an object. Dilated 3x3
+    convolutions after the two strided ones give a receptive field of about 60 pixels, the whole image,
+    without striding further. GroupNorm instead of BatchNorm: trained from scratch, the network needs
+    normalisation, and GroupNorm does not depend on the batch (so the CAM net's frozen-BatchNorm rule has
+    nothing to freeze and a DDP step equals a single-process step).
+    """
+
+    output_stride = 4
+
+    def __init__(self, weights: str = "none", widths: tuple[int, ...] = (32, 64, 96, 128)):
+        super().__init__()
+        if weights != "none":
+            raise ValueError(
+                f"the toy backbone has no pretrained weights; use --backbone-weights none, got {weights!r}"
+            )
+
+        def block(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(
+                    in_channels, out_channels, 3, stride, padding=dilation, dilation=dilation, bias=False
+                ),
+                nn.GroupNorm(8, out_channels),
+                nn.ReLU(inplace=True),
+            )
+
+        self.stem = block(3, widths[0], stride=2)
+        self.layers = nn.Sequential(
+            block(widths[0], widths[1], stride=2),
+            block(widths[1], widths[2], dilation=2),
+            block(widths[2], widths[3], dilation=4),
+            block(widths[3], widths[3], dilation=2),
+        )
+        self.out_channels = widths[3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.stem(x))
+
+
+BACKBONES = ("resnet50", "tiny", "toy")
+
+
 def build_backbone(name: str, weights: str) -> nn.Module:
     if name == "resnet50":
         return ResNet50Backbone(weights)
     if name == "tiny":
         return TinyBackbone(weights)
-    raise ValueError(f"expected backbone 'resnet50' or 'tiny', got {name!r}")
+    if name == "toy":
+        return ToyBackbone(weights)
+    raise ValueError(f"expected backbone one of {BACKBONES}, got {name!r}")
 
 
 class CAMNet(nn.Module):

@@ -1,0 +1,468 @@
+"""The CLIMS ablation on the toy world, in memory: baseline CAM, then CLIMS with losses added one by one.
+
+The toy world's images are 64 x 64, so a whole split fits in memory as one tensor; training and evaluating
+from tensors (instead of the pipeline's per-image files) is what makes fifteen trainings fit in minutes on
+a CPU. The networks, the learning-rate schedule, the multi-scale CAM inference and the threshold sweep are
+the pipeline's own (``networks``, ``training.learning_rate_factor``, ``make_cam.multiscale_cams``,
+``metrics.ThresholdSweep``), so what is measured here is what the pipeline runs.
+
+Protocol (see docs/toyworld.md):
+
+* the baseline CAM network is trained on ``train_aug`` with image labels only (GAP + multilabel soft
+  margin); every CLIMS row starts from it, as in the paper;
+* a row is the CLIP evaluator with some loss weights set to 0 (``ABLATION_ROWS``);
+* CAM quality is the mIoU on ``val`` (held out: never trained on, never tuned on) at the best background
+  threshold of a sweep, as the paper's protocol does on its evaluation split; settings were tuned on the
+  ``train`` split's masks;
+* every row runs for each seed; mean and std over seeds are reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clims_loss import IMAGENET_MEAN, IMAGENET_STD
+
+from .metrics import ThresholdSweep, iou_from_confusion, mean_iou
+from .networks import CAMNet, build_network
+from .presets import TrainConfig
+from .stages.make_cam import multiscale_cams, normalise_by_max
+from .training import learning_rate_factor
+
+#: The rows of the paper's Table 3 that this ablation reproduces, in the paper's order: name -> which of
+#: the weights (otm, btm, cbs, reg) stay on. "baseline" is the CAM network without CLIP.
+ABLATION_ROWS: dict[str, tuple[str, ...]] = {
+    "otm": ("otm",),
+    "otm_btm": ("otm", "btm"),
+    "otm_btm_reg": ("otm", "btm", "reg"),
+    "full": ("otm", "btm", "reg", "cbs"),
+}
+ROW_TITLES: dict[str, str] = {
+    "baseline": "baseline CAM (no CLIP)",
+    "otm": "L_OTM",
+    "otm_btm": "+ L_BTM",
+    "otm_btm_reg": "+ L_REG",
+    "full": "+ L_CBS (full CLIMS)",
+}
+#: The paper's Table 3 (VOC train, CAM mIoU %): the same rows. The baseline is not in Table 3; the paper's
+#: Table 1 compares against other methods, so the column is empty there.
+PAPER_TABLE3: dict[str, float | None] = {
+    "baseline": None,
+    "otm": 37.2,
+    "otm_btm": 41.3,
+    "otm_btm_reg": 53.1,
+    "full": 56.6,
+}
+#: The paper's Table 4 (VOC train, IoU %): boat and train without / with CBS (on top of OTM + BTM).
+PAPER_TABLE4 = {"without_cbs": {"boat": 7.1, "train": 30.7}, "with_cbs": {"boat": 58.2, "train": 63.9}}
+#: The classes whose IoU Table 4 reports; in the toy world every class has a co-occurring background, and
+#: these two are the paper's examples (boat - water, train - railroad).
+COOCCURRING_CLASSES: tuple[str, ...] = ("boat", "train")
+
+
+def row_weights(row: str, weights: dict[str, float]) -> dict[str, float]:
+    """The full model's weights with the losses that ``row`` leaves out set to 0."""
+    if row not in ABLATION_ROWS:
+        raise ValueError(f"expected an ablation row from {list(ABLATION_ROWS)}, got {row!r}")
+    return {name: (value if name in ABLATION_ROWS[row] else 0.0) for name, value in weights.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data in memory
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitTensors:
+    """A split of a VOC-layout data set as tensors: ImageNet-normalised images (N, 3, H, W) float32, masks
+    (N, H, W) int64 (0 background, 1..K, 255 void), multi-hot labels (N, K) float32, and the raw uint8
+    images (N, H, W, 3) for pictures."""
+
+    ids: list[str]
+    images: torch.Tensor
+    masks: torch.Tensor
+    labels: torch.Tensor
+    raw: np.ndarray
+
+
+def load_split(root: str | Path, split: str, num_classes: int, limit: int | None = None) -> SplitTensors:
+    """Read a split's images, masks and labels (from ``cls_labels.json``); all images must share one size."""
+    root = Path(root)
+    ids = (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+    if limit is not None:
+        ids = ids[:limit]
+    if not ids:
+        raise ValueError(f"split {split!r} of {root} is empty")
+    all_labels = json.loads((root / "cls_labels.json").read_text())
+    raw = np.stack([np.asarray(Image.open(_image_file(root, i)).convert("RGB")) for i in ids])
+    masks = np.stack([np.asarray(Image.open(root / "SegmentationClass" / f"{i}.png")) for i in ids])
+    labels = torch.zeros(len(ids), num_classes)
+    for row, image_id in enumerate(ids):
+        for label in all_labels[image_id]:
+            labels[row, label - 1] = 1.0
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    images = (torch.from_numpy(raw).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    return SplitTensors(ids, images.contiguous(), torch.from_numpy(masks.astype(np.int64)), labels, raw)
+
+
+def _image_file(root: Path, image_id: str) -> Path:
+    for ext in (".jpg", ".png"):
+        path = root / "JPEGImages" / f"{image_id}{ext}"
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"no image for id {image_id!r} under {root / 'JPEGImages'}")
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips (the toy world's captions and masks do not depend on left and right)."""
+    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+#: loss(model, images, labels) -> (loss, {name: value} for logging)
+BatchLoss = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+def train_in_memory(
+    model: CAMNet,
+    data: SplitTensors,
+    config: TrainConfig,
+    loss_fn: BatchLoss,
+    seed: int,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """SGD over ``data`` as the pipeline's ``train_network`` does it (10x head, per-step poly/cosine lr),
+    from tensors; returns the last logged averages."""
+    steps_per_epoch = len(data.ids) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(data.ids)} training images are fewer than one batch of {config.batch_size}")
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    backbone, head = model.parameter_groups()
+    base_lrs = [config.lr, config.lr * config.head_lr_mult]
+    optimizer = torch.optim.SGD(
+        [{"params": backbone, "lr": base_lrs[0]}, {"params": head, "lr": base_lrs[1]}],
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    step, running, last = 0, {}, {}
+    while step < total_steps:
+        order = torch.randperm(len(data.ids), generator=generator)
+        for start in range(0, steps_per_epoch * config.batch_size, config.batch_size):
+            if step >= total_steps:
+                break
+            index = order[start : start + config.batch_size]
+            factor = learning_rate_factor(config, step, total_steps)
+            for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base_lr * factor
+            loss, parts = loss_fn(model, augment_batch(data.images[index], generator), data.labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+            for key, value in {"loss": float(loss.detach()), **parts}.items():
+                running[key] = running.get(key, 0.0) + value
+            if step % config.log_every == 0 or step == total_steps:
+                count = config.log_every if step % config.log_every == 0 else step % config.log_every
+                last = {key: value / count for key, value in running.items()}
+                running = {}
+                if log is not None:
+                    log(f"step {step}/{total_steps} " + " ".join(f"{k} {v:.4f}" for k, v in last.items()))
+    model.eval()
+    return last
+
+
+def baseline_loss(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    return F.multilabel_soft_margin_loss(model(images), labels), {}
+
+
+def clims_batch_loss(evaluator: Any) -> BatchLoss:
+    def loss_fn(
+        model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        out = evaluator(images, model(images), labels)
+        parts = {name: float(getattr(out, name).detach()) for name in ("otm", "btm", "cbs", "reg")}
+        parts["sim_fg"] = float(out.sim_fg_text.detach().mean()) if out.sim_fg_text.numel() else 0.0
+        return out.loss, parts
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def infer_cams(
+    model: CAMNet, data: SplitTensors, scales: Sequence[float], flip: bool, batch_size: int = 100
+) -> torch.Tensor:
+    """Max-normalised full-resolution CAMs of every class (N, K, H, W), zero for absent classes."""
+    model.eval()
+    chunks = []
+    for start in range(0, len(data.ids), batch_size):
+        images = data.images[start : start + batch_size]
+        _, high = multiscale_cams(model, images, tuple(scales), flip, 4, False)
+        labels = data.labels[start : start + batch_size]
+        batch, classes, height, width = high.shape
+        normalised = normalise_by_max(high.reshape(batch * classes, height, width)).view_as(high)
+        chunks.append(normalised * labels.view(batch, classes, 1, 1))
+    return torch.cat(chunks)
+
+
+def cam_prediction(cams: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(arg-max class in 1..K, its score) per pixel of (N, K, H, W) label-masked CAMs."""
+    score, winner = cams.max(dim=1)
+    return (winner + 1).numpy(), score.numpy()
+
+
+def evaluate_cams(
+    cams: torch.Tensor, data: SplitTensors, class_names: Sequence[str], thresholds: np.ndarray
+) -> dict[str, Any]:
+    """mIoU at the best background threshold, per-class IoU there and the whole curve (in %)."""
+    labels = ("background", *class_names)
+    sweep = ThresholdSweep(len(labels), thresholds)
+    predicted, score = cam_prediction(cams)
+    sweep.add(data.masks.numpy(), predicted, score)
+    curve = sweep.miou_per_threshold()
+    best = int(np.nanargmax(curve))
+    iou = iou_from_confusion(sweep.confusion_at(best))
+    return {
+        "miou": 100 * mean_iou(iou),
+        "threshold": float(thresholds[best]),
+        "per_class": {name: 100 * float(value) for name, value in zip(labels, iou, strict=True)},
+        "curve": {f"{t:.2f}": 100 * float(m) for t, m in zip(thresholds, curve, strict=True)},
+    }
+
+
+def default_thresholds() -> np.ndarray:
+    return np.round(np.arange(0.05, 0.951, 0.025), 4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole ablation
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AblationSettings:
+    """Everything a run of the ablation depends on (the tuned values are the defaults)."""
+
+    backbone: str = "toy"
+    cam_train: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(
+            epochs=4, batch_size=32, lr=0.05, momentum=0.9, weight_decay=1e-4, head_lr_mult=1.0, log_every=50
+        )
+    )
+    clims_train: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(
+            epochs=1,
+            batch_size=32,
+            lr=0.01,
+            momentum=0.9,
+            weight_decay=1e-4,
+            head_lr_mult=1.0,
+            schedule="cosine",
+            log_every=50,
+        )
+    )
+    weights: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"otm": 10.0, "btm": 25.0, "cbs": 29.5, "reg": 1.15}
+    )
+    similarity: str = "clamp"
+    cbs_reduction: str = "mean"
+    train_split: str = "train_aug"
+    train_limit: int | None = None
+    eval_split: str = "val"
+    eval_limit: int | None = None
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    flip: bool = True
+    rows: tuple[str, ...] = ("baseline", *ABLATION_ROWS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_toy_evaluator(
+    clip_name: str,
+    clip_checkpoint: str | Path,
+    weights: dict[str, float],
+    similarity: str = "clamp",
+    cbs_reduction: str = "mean",
+) -> Any:
+    import clims_loss as cl
+
+    from . import clip_training  # registers the tiny CLIP config with open_clip
+    from .toyworld import toy_prompts
+
+    clip_training.register_model_configs()
+    prompts = cl.BackgroundPromptRegistry(**toy_prompts()).replace(
+        similarity=similarity, cbs_reduction=cbs_reduction
+    )
+    return cl.CLIPTextDrivenEvaluator.from_pretrained(
+        clip_name,
+        pretrained=str(clip_checkpoint),
+        prompts=prompts,
+        weights=cl.LossWeights(**weights),
+        image_mean=cl.IMAGENET_MEAN,  # how load_split normalises
+        image_std=cl.IMAGENET_STD,
+    )
+
+
+def run_ablation(
+    world_root: str | Path,
+    clip_checkpoint: str | Path,
+    seeds: Sequence[int],
+    settings: AblationSettings,
+    clip_name: str,
+    log: Callable[[str], None] = print,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Train and evaluate every row for every seed; return per-seed results and the CAMs of seed 0.
+
+    ``verbose`` also logs the training losses every ``log_every`` steps."""
+    step_log = log if verbose else None
+    from .toyworld import TOY_CLASSES
+
+    class_names = TOY_CLASSES
+    train = load_split(world_root, settings.train_split, len(class_names), settings.train_limit)
+    evaluation = load_split(world_root, settings.eval_split, len(class_names), settings.eval_limit)
+    thresholds = default_thresholds()
+    evaluators = {
+        row: build_toy_evaluator(
+            clip_name,
+            clip_checkpoint,
+            row_weights(row, settings.weights),
+            settings.similarity,
+            settings.cbs_reduction,
+        )
+        for row in settings.rows
+        if row != "baseline"
+    }
+    per_seed: dict[str, list[dict[str, Any]]] = {row: [] for row in settings.rows}
+    first_seed_cams: dict[str, torch.Tensor] = {}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        baseline = build_network("cam", settings.backbone, "none", len(class_names))
+        started = time.perf_counter()
+        train_in_memory(baseline, train, settings.cam_train, baseline_loss, seed, step_log)
+        baseline_state = {k: v.clone() for k, v in baseline.state_dict().items()}
+        for row in settings.rows:
+            row_started = time.perf_counter()
+            if row == "baseline":
+                model: CAMNet = baseline
+            else:
+                model = build_network("clims", settings.backbone, "none", len(class_names))
+                model.load_state_dict(baseline_state)
+                started = time.perf_counter()
+                train_in_memory(
+                    model,
+                    train,
+                    settings.clims_train,
+                    clims_batch_loss(evaluators[row]),
+                    seed + 1000,
+                    step_log,
+                )
+            cams = infer_cams(model, evaluation, settings.scales, settings.flip)
+            result = evaluate_cams(cams, evaluation, class_names, thresholds)
+            result["seconds"] = round(time.perf_counter() - started, 1)
+            per_seed[row].append(result)
+            if seed == seeds[0]:
+                first_seed_cams[row] = cams
+            log(
+                f"[ablation] seed {seed} {row:12s} mIoU {result['miou']:.1f} at threshold "
+                f"{result['threshold']:.3f} ({time.perf_counter() - row_started:.0f} s) | "
+                + " ".join(f"{c} {result['per_class'][c]:.0f}" for c in class_names)
+            )
+    return {"per_seed": per_seed, "cams": first_seed_cams, "evaluation": evaluation, "seeds": list(seeds)}
+
+
+def summarise(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The JSON of the issue: rows (mean/std of mIoU over seeds) and the co-occurring classes' IoU."""
+    rows = {}
+    for row, results in per_seed.items():
+        values = np.array([r["miou"] for r in results])
+        rows[row] = {
+            "miou_mean": round(float(values.mean()), 2),
+            "miou_std": round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 2),
+            "miou_per_seed": [round(float(v), 2) for v in values],
+            "threshold_per_seed": [r["threshold"] for r in results],
+            "per_class_mean": {
+                name: round(float(np.mean([r["per_class"][name] for r in results])), 2)
+                for name in results[0]["per_class"]
+            },
+        }
+    summary: dict[str, Any] = {"rows": rows}
+    if "otm_btm_reg" in per_seed and "full" in per_seed:
+
+        def cooccurring(row: str) -> float:
+            return float(np.mean([rows[row]["per_class_mean"][name] for name in COOCCURRING_CLASSES]))
+
+        summary["cooccurring_iou"] = {
+            "without_cbs": round(cooccurring("otm_btm_reg"), 2),
+            "with_cbs": round(cooccurring("full"), 2),
+            "classes": list(COOCCURRING_CLASSES),
+            "per_class": {
+                name: {
+                    "without_cbs": rows["otm_btm_reg"]["per_class_mean"][name],
+                    "with_cbs": rows["full"]["per_class_mean"][name],
+                }
+                for name in COOCCURRING_CLASSES
+            },
+            "compared_rows": ["otm_btm_reg", "full"],
+        }
+    return summary
+
+
+def format_table(summary: dict[str, Any], seeds: int) -> str:
+    """Markdown: the ablation beside the paper's Table 3, then the Table 4 analogue."""
+    lines = [
+        f"| losses | toy world CAM mIoU (%), mean ± std over {seeds} seeds | paper Table 3 (VOC train) |",
+        "| --- | ---: | ---: |",
+    ]
+    for row, values in summary["rows"].items():
+        paper = PAPER_TABLE3.get(row)
+        lines.append(
+            f"| {ROW_TITLES[row]} | {values['miou_mean']:.1f} ± {values['miou_std']:.1f} | "
+            f"{'–' if paper is None else f'{paper:.1f}'} |"
+        )
+    if "cooccurring_iou" in summary:
+        co = summary["cooccurring_iou"]
+        lines += [
+            "",
+            "| IoU (%) | " + " | ".join(co["classes"]) + " | mean | paper Table 4 mean (boat, train) |",
+            "| --- | " + " | ".join("---:" for _ in co["classes"]) + " | ---: | ---: |",
+        ]
+        for key, title in (("without_cbs", "without L_CBS"), ("with_cbs", "with L_CBS")):
+            paper = PAPER_TABLE4[key]
+            lines.append(
+                f"| {title} | "
+                + " | ".join(f"{co['per_class'][c][key]:.1f}" for c in co["classes"])
+                + f" | {co[key]:.1f} | {math.fsum(paper.values()) / len(paper):.1f} |"
+            )
+    return "\n".join(lines)

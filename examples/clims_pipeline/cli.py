@@ -19,6 +19,7 @@ from .context import STAGES, StageContext, ordered_stages
 from .distributed import init_distributed, shutdown_distributed
 from .files import write_json
 from .presets import DATASETS, PRESETS, VARIANTS, PipelineConfig, apply_override, build_config
+from .toy_pipeline import DEFAULT_TOY_WORKDIR, TOY_STAGES, ensure_toy_world, toy_world_root
 
 DEFAULT_STAGES = ("train_cam", "train_clims", "make_cam", "eval_cam")
 
@@ -36,8 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_STAGES),
         help=f"comma-separated stages, or 'all'. Stages: {stage_help}",
     )
-    parser.add_argument("--workdir", required=True, help="where every stage reads and writes its outputs")
-    parser.add_argument("--dataset", choices=DATASETS, default="voc")
+    parser.add_argument(
+        "--workdir",
+        help=f"where every stage reads and writes its outputs (toy world default: {DEFAULT_TOY_WORKDIR})",
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        help="default: voc with --voc-root, coco with --coco-root, else toy (generated in the workdir)",
+    )
     parser.add_argument(
         "--voc-root", help="VOCdevkit, VOCdevkit/VOC2012, or a directory holding JPEGImages/ etc."
     )
@@ -45,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preset",
         choices=PRESETS,
-        default="full",
-        help="full: the paper's sizes; smoke: tiny networks and crops for a CPU check",
+        help="full: the paper's sizes (default); smoke: tiny networks and crops for a CPU check; "
+        "toy: the toy world's (default with --dataset toy)",
     )
     parser.add_argument(
         "--variant",
@@ -109,7 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_dataset_defaults(args: argparse.Namespace) -> None:
+    """No data set root: the toy world, generated in the work directory (docs/toyworld.md)."""
+    if args.dataset is None:
+        args.dataset = "voc" if args.voc_root else "coco" if args.coco_root else "toy"
+    if args.preset is None:
+        args.preset = "toy" if args.dataset == "toy" else "full"
+    if args.workdir is None:
+        if args.dataset != "toy":
+            raise SystemExit("voc_full_pipeline.py: error: --workdir is required with --dataset voc/coco")
+        args.workdir = DEFAULT_TOY_WORKDIR
+    if args.dataset == "toy":
+        if args.voc_root is None:
+            args.voc_root = str(toy_world_root(Path(os.path.abspath(args.workdir))))
+        if args.stages == ",".join(DEFAULT_STAGES):
+            args.stages = ",".join(TOY_STAGES)
+
+
 def resolve_config(args: argparse.Namespace) -> PipelineConfig:
+    resolve_dataset_defaults(args)
     config = build_config(args.preset, args.variant, args.dataset)
     direct = {
         "data.train_split": args.train_split,
@@ -162,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads_before = torch.get_num_threads()  # restored on exit, for callers that run main() in-process
     if args.cpu_threads is not None:
         torch.set_num_threads(args.cpu_threads)
-    elif config.preset == "smoke" and device.type == "cpu":
+    elif config.preset in ("smoke", "toy") and device.type == "cpu":
         # Measured on 2 cores: the smoke run's train_cam took 10.8 s with 2 threads and 0.5 s with 1.
         torch.set_num_threads(1)
     workdir = os.path.abspath(args.workdir)
@@ -195,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{config.variant} | {config.dataset} | device {device} | processes {dist_info.world_size} | "
             f"workdir {ctx.workdir}"
         )
+        if config.dataset == "toy":
+            ensure_toy_world(ctx)
         # Check every input the selected stages will read before the first one starts.
         for stage in selected:
             if stage.preflight is not None:

@@ -18,9 +18,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-PRESETS = ("full", "smoke")
+PRESETS = ("full", "smoke", "toy")
 VARIANTS = ("paper", "official")
-DATASETS = ("voc", "coco")
+DATASETS = ("voc", "coco", "toy")
 
 #: The background-prompt preset of ``clims_loss.BackgroundPromptRegistry`` used by each (dataset, variant).
 PROMPT_PRESETS = {
@@ -28,6 +28,9 @@ PROMPT_PRESETS = {
     ("voc", "official"): "voc-official",
     ("coco", "paper"): "coco",
     ("coco", "official"): "coco",
+    # The toy world's registry is built from clims_pipeline.toyworld.toy_prompts(), not a library preset.
+    ("toy", "paper"): "toy",
+    ("toy", "official"): "toy",
 }
 
 
@@ -86,6 +89,37 @@ class MineBackgroundsConfig:
     objectness_penalty: float = 0.02
     batch_size: int = 64  # images per CLIP forward
     max_images: int | None = None  # a seeded random subset of the training split; None = all of it
+
+
+@dataclass
+class ClipTrainConfig:
+    """Stage ``train_clip``: CLIP trained (toy world, from scratch) or fine-tuned (real data) on captions.
+
+    ``captions="toy"`` reads the toy world's captions; ``"labels"`` makes the paper's label captions
+    ("a photo of boat and person.") from the training split's image labels.
+    """
+
+    enabled: bool = False  # off: train_clims uses train_clims.clip_pretrained as given
+    model: str = "ViT-B-32"
+    pretrained: str = "openai"  # start from this open_clip tag or file; "none" = from scratch
+    captions: str = "labels"
+    caption_splits: tuple[str, ...] = ("train_aug",)  # toy: + the background-only images
+    # The paper's fine-tuning (Sec. 4.1): 20 epochs, lr 5e-5, weight decay 0.003.
+    epochs: int = 20
+    lr: float = 5e-5
+    weight_decay: float = 0.003
+    batch_size: int = 128
+    max_steps: int | None = None
+
+
+@dataclass
+class ToyWorldConfig:
+    """The toy world that ``--dataset toy`` generates into ``<workdir>/toyworld`` (without --voc-root)."""
+
+    n_train: int = 4000
+    n_val: int = 500
+    seed: int = 0
+    context_rate: float = 0.9  # how often an object stands on its own background
 
 
 @dataclass
@@ -180,6 +214,8 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     train_cam: TrainConfig = field(default_factory=TrainConfig)
+    train_clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
+    toy_world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     mine_backgrounds: MineBackgroundsConfig = field(default_factory=MineBackgroundsConfig)
     train_clims: ClimsConfig = field(default_factory=ClimsConfig)
     make_cam: MakeCamConfig = field(default_factory=MakeCamConfig)
@@ -217,6 +253,12 @@ def build_config(preset: str = "full", variant: str = "paper", dataset: str = "v
     if dataset == "coco":
         config.data.train_split = "train"
         config.data.eval_split = "val"
+    if preset == "toy" or dataset == "toy":
+        if (preset, dataset) != ("toy", "toy"):
+            raise ValueError(
+                f"the toy preset and the toy dataset go together, got --preset {preset} --dataset {dataset}"
+            )
+        apply_toy_preset(config)
 
     if preset == "smoke":
         config.data = dataclasses.replace(
@@ -250,6 +292,76 @@ def build_config(preset: str = "full", variant: str = "paper", dataset: str = "v
         )
         config.eval_seg = dataclasses.replace(config.eval_seg, scales=(1.0, 0.5))
     return config
+
+
+def apply_toy_preset(config: PipelineConfig) -> None:
+    """The toy world (docs/toyworld.md): 64-pixel images, a small stride-4 CAM net, the tiny CLIP of stage
+    ``train_clip``. Loss weights, learning rates and steps were tuned on the masks of the ``train`` split;
+    CAM quality is reported on ``val``, which no setting was chosen on."""
+    config.data = dataclasses.replace(
+        config.data,
+        train_split="train_aug",
+        eval_split="val",
+        resize_long=(56, 72),
+        crop_size=64,
+        num_workers=0,
+    )
+    config.network = NetworkConfig(backbone="toy", weights="none")
+    config.train_cam = TrainConfig(
+        epochs=3, batch_size=32, lr=0.1, head_lr_mult=1.0, momentum=0.9, weight_decay=1e-4, log_every=50
+    )
+    config.train_clip = ClipTrainConfig(
+        enabled=True,
+        model="clims-tiny-clip",
+        pretrained="none",
+        captions="toy",
+        caption_splits=("train_aug", "background_only_train"),
+        epochs=5,
+        lr=2e-3,
+        weight_decay=0.1,
+        batch_size=128,
+    )
+    config.train_clims.clip = "clims-tiny-clip"
+    config.train_clims.clip_pretrained = "train_clip"  # the file stage train_clip writes
+    config.train_clims.loss_weights = dict(TOY_LOSS_WEIGHTS)
+    config.train_clims.train = TrainConfig(
+        epochs=1,
+        batch_size=16,
+        lr=0.002,
+        head_lr_mult=1.0,
+        momentum=0.9,
+        weight_decay=1e-4,
+        schedule="cosine",
+        max_steps=TOY_CLIMS_STEPS,
+        log_every=20,
+    )
+    config.make_cam = dataclasses.replace(config.make_cam, batch_size=64)
+    config.eval_cam.overlays = 8
+    config.train_aff = dataclasses.replace(
+        config.train_aff,
+        train=dataclasses.replace(config.train_aff.train, epochs=1, batch_size=16, lr=0.05, log_every=50),
+        backbone="tiny",
+        weights="none",
+        crop_size=64,
+        resize_long=(56, 72),
+    )
+    config.make_rw = dataclasses.replace(config.make_rw, exponent=5, crf=False)
+    config.train_seg = dataclasses.replace(
+        config.train_seg,
+        train=dataclasses.replace(
+            config.train_seg.train, max_steps=300, batch_size=16, lr=1e-2, momentum=0.9, log_every=50
+        ),
+        backbone="tiny",
+        weights="none",
+        crop_size=65,
+        scales=(0.9, 1.0, 1.1),
+    )
+    config.eval_seg = dataclasses.replace(config.eval_seg, scales=(1.0,), crf=False, test_split="")
+
+
+#: The toy world's loss weights (alpha, beta, gamma, delta) and CLIMS steps, tuned on the train split.
+TOY_LOSS_WEIGHTS: dict[str, float] = {"otm": 10.0, "btm": 25.0, "cbs": 29.5, "reg": 8.0}
+TOY_CLIMS_STEPS = 120
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -10,5 +10,6 @@ from . import (  # noqa: F401
     train_aff,
     train_cam,
     train_clims,
+    train_clip,
     train_seg,
 )

@@ -42,16 +42,26 @@ def register_clip_configs(extra_config: str | None = None) -> None:
 def build_evaluator(ctx: StageContext) -> Any:
     import clims_loss as cl
 
+    from ..clip_training import register_model_configs
+    from ..toy_experiment import toy_registry
+    from .train_clip import resolve_clip_pretrained
+
+    register_model_configs()  # the tiny toy-world CLIP (clip_configs/)
+
     clims_config = ctx.config.train_clims
     register_clip_configs(getattr(ctx.args, "clip_config", None))
-    prompts, _ = resolve_backgrounds(ctx)  # the variant's registry, or its backgrounds from --backgrounds
+    if clims_config.prompts == "toy":  # the toy world's registry is not a library preset
+        prompts = toy_registry()
+    else:
+        prompts, _ = resolve_backgrounds(ctx)  # the variant's registry, or its backgrounds from --backgrounds
     if tuple(prompts.class_names) and len(prompts.class_names) != ctx.source.num_classes:
         raise ValueError(
             f"prompt preset {clims_config.prompts!r} has {len(prompts.class_names)} classes, the "
             f"{ctx.config.dataset} data {ctx.source.num_classes}"
         )
     weights = cl.LossWeights(**clims_config.loss_weights) if clims_config.loss_weights else None
-    pretrained = None if clims_config.clip_pretrained in ("", "none", None) else clims_config.clip_pretrained
+    clip_pretrained = resolve_clip_pretrained(ctx)  # "train_clip": the file stage train_clip wrote
+    pretrained = None if clip_pretrained in ("", "none", None) else clip_pretrained
     # Every rank builds the same CLIP: random weights (tests) are seeded identically.
     torch.manual_seed(ctx.seed)
     return cl.CLIPTextDrivenEvaluator.from_pretrained(
@@ -95,7 +105,8 @@ def data_parallel_loss(out: Any, evaluator: Any, world_size: int) -> torch.Tenso
 
 def preflight(ctx: StageContext) -> None:
     check_training_data(ctx)
-    preflight_backgrounds(ctx)
+    if ctx.config.train_clims.prompts != "toy":  # the toy registry has its backgrounds built in
+        preflight_backgrounds(ctx)
 
 
 @register_stage(
@@ -105,7 +116,9 @@ def preflight(ctx: StageContext) -> None:
     preflight=preflight,
 )
 def run(ctx: StageContext) -> None:
-    _, backgrounds = resolve_backgrounds(ctx)
+    # The toy registry (clims_pipeline.toyworld) is not a library preset: its backgrounds are its own.
+    toy = ctx.config.train_clims.prompts == "toy"
+    backgrounds = {"backgrounds": "toy"} if toy else resolve_backgrounds(ctx)[1]
     if final_model_path(ctx, "train_clims").exists() and not ctx.force:
         check_finished_model(ctx, final_model_path(ctx, "train_clims"), backgrounds)
         ctx.print(

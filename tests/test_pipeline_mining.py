@@ -151,6 +151,7 @@ def mine_toy_world(world: Path, clip_checkpoint: Path, split: str = "train") -> 
     from clims_loss.clip_loading import clip_input_size, clip_normalization
 
     clip_model, tokenizer = cl.load_open_clip(clip_training.TINY_CLIP_NAME, pretrained=clip_checkpoint)
+    clip_model.eval()  # its ResNet's BatchNorm must use the trained statistics, not the batch's
     size = clip_input_size(clip_model)
     mean, std = (
         torch.tensor(x).view(1, 3, 1, 1) for x in clip_normalization(clip_model, (cl.CLIP_MEAN, cl.CLIP_STD))
@@ -170,7 +171,7 @@ def mine_toy_world(world: Path, clip_checkpoint: Path, split: str = "train") -> 
 
 @pytest.mark.slow
 def test_toy_world_each_object_finds_its_own_background(tmp_path: Path) -> None:
-    """A tiny CLIP trained on the toy world's captions puts each ground object's own background in its top 3.
+    """A tiny CLIP trained on the toy world's captions puts each object's own background in its mined top 3.
 
     Set CLIMS_TOY_WORLD and CLIMS_TOY_CLIP to reuse a world and its trained CLIP; otherwise a 4,000-image
     world is generated and the CLIP trained on it (minutes on a CPU).
@@ -192,15 +193,13 @@ def test_toy_world_each_object_finds_its_own_background(tmp_path: Path) -> None:
         )
     registry, scores = mine_toy_world(world, checkpoint)
     for class_name in toyworld.TOY_CLASSES:
-        own_terms = toyworld.BACKGROUND_TERMS[toyworld.CLASS_BACKGROUND[class_name]]
-        top3 = [entry.term for entry in scores[class_name][:3]]
-        if class_name == "aeroplane":
-            # Known limit (docs/mining.md): sky is above the horizon of most images, with or without an
-            # aeroplane, and CLIP's "sky" matches sky with an aeroplane in it *less* than sky beside a cow,
-            # so its presence is about 0. Measured, not asserted.
-            continue
-        assert set(top3) & set(own_terms), f"{class_name}: top 3 {top3}, own background {own_terms}"
-        assert set(registry.class_backgrounds[class_name]) & set(own_terms)
+        own_words = set(toyworld.BACKGROUND_TERMS[toyworld.CLASS_BACKGROUND[class_name]])
+        mined = registry.class_backgrounds.get(class_name, ())  # the top 3 once object synonyms are excluded
+        # Multi-word terms of the default vocabulary count by their words ("rail track" is a track).
+        assert any(set(term.split()) & own_words for term in mined), (
+            f"{class_name}: mined {mined}, own background {sorted(own_words)}; "
+            f"best terms {[(e.term, round(e.score, 3)) for e in scores[class_name][:5]]}"
+        )
 
 
 def test_docs_name_the_stage_and_the_option() -> None:

@@ -1,0 +1,54 @@
+"""The toy-world ablation (benchmarks/toyworld_ablation.py) runs its whole code path on a tiny world.
+
+One seed, a 64-image world, a CLIP trained for 2 steps and 2-3 training steps per network: this checks
+the plumbing (world -> CLIP -> baseline -> four CLIMS rows -> sweep -> JSON, table, PNG), not the
+numbers. The real ablation is the slow test below (about 30 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "toyworld_ablation.py"
+
+
+def load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("toyworld_ablation", BENCH_PATH)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {BENCH_PATH}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_code_path_on_a_tiny_world(tmp_path: Path) -> None:
+    bench = load_bench()
+    out = tmp_path / "out.json"
+    bench.main(
+        [
+            "--workdir", str(tmp_path / "work"), "--json", str(out), "--seeds", "0",
+            "--n-train", "64", "--n-val", "16", "--clip-steps", "2", "--cam-steps", "3",
+            "--clims-steps", "2", "--grid-rows", "2",
+        ]
+    )  # fmt: skip
+    summary = json.loads(out.read_text())
+    assert set(summary["rows"]) == {"baseline", "otm", "otm_btm", "otm_btm_reg", "full"}
+    for row in summary["rows"].values():
+        assert 0.0 <= row["miou_mean"] <= 100.0 and row["miou_std"] == 0.0
+    assert set(summary["cooccurring_iou"]) >= {"without_cbs", "with_cbs"}
+    assert (tmp_path / "work" / "ablation_overlays.png").stat().st_size > 0
+    assert "| + L_CBS (full CLIMS) |" in (tmp_path / "work" / "ablation.md").read_text()
+
+
+@pytest.mark.slow
+def test_full_ablation(tmp_path: Path) -> None:
+    summary = load_bench().main(["--workdir", str(tmp_path), "--json", str(tmp_path / "out.json")])
+    rows = summary["rows"]
+    assert rows["full"]["miou_mean"] >= rows["baseline"]["miou_mean"] + 10.0

@@ -50,6 +50,25 @@ def mined_path(ctx: StageContext) -> Path:
     return ctx.workdir / STAGE / MINED_FILE
 
 
+def base_registry(ctx: StageContext) -> Any:
+    """The variant's registry: a library preset, or the toy world's prompts (not a library preset)."""
+    import clims_loss as cl
+
+    if ctx.config.train_clims.prompts == "toy":
+        from ..toy_experiment import toy_registry
+
+        return toy_registry()
+    return cl.BackgroundPromptRegistry.preset(ctx.config.train_clims.prompts)
+
+
+def resolved_clip_pretrained(ctx: StageContext) -> str | None:
+    """``--clip-pretrained`` as train_clims resolves it (``train_clip``: the file that stage wrote)."""
+    from .train_clip import resolve_clip_pretrained
+
+    value = resolve_clip_pretrained(ctx)
+    return None if value in ("", "none", None) else value
+
+
 def read_vocabulary(path: str) -> list[str]:
     """Terms of a vocabulary file: one per line; blank lines and ``#`` comments are skipped."""
     file = Path(path).expanduser()
@@ -108,7 +127,7 @@ def _settings(ctx: StageContext, terms: list[str]) -> dict[str, Any]:
     clims = ctx.config.train_clims
     return {
         "clip": clims.clip,
-        "clip_pretrained": clims.clip_pretrained,
+        "clip_pretrained": resolved_clip_pretrained(ctx),
         "prompts": clims.prompts,
         "dataset": ctx.config.dataset,
         "train_split": ctx.config.data.train_split,
@@ -153,13 +172,14 @@ def _mine(ctx: StageContext, image_ids: list[str], labels: dict[str, list[int]],
     import clims_loss as cl
     from clims_loss.clip_loading import clip_input_size, clip_normalization
 
+    from ..clip_training import register_model_configs
     from .train_clims import register_clip_configs
 
     clims, mining = ctx.config.train_clims, ctx.config.mine_backgrounds
+    register_model_configs()  # the toy world's tiny CLIP
     register_clip_configs(getattr(ctx.args, "clip_config", None))
-    pretrained = None if clims.clip_pretrained in ("", "none", None) else clims.clip_pretrained
     torch.manual_seed(ctx.seed)  # random CLIP weights (tests) are the ones train_clims builds
-    clip_model, tokenizer = cl.load_open_clip(clims.clip, pretrained, device=ctx.device)
+    clip_model, tokenizer = cl.load_open_clip(clims.clip, resolved_clip_pretrained(ctx), device=ctx.device)
     clip_model.eval()
     size = clip_input_size(clip_model)
     mean, std = clip_normalization(clip_model, (cl.CLIP_MEAN, cl.CLIP_STD))
@@ -177,7 +197,7 @@ def _mine(ctx: StageContext, image_ids: list[str], labels: dict[str, list[int]],
         tokenizer,
         _clip_batches(loader, ctx.dist.is_main),
         label_matrix,
-        cl.BackgroundPromptRegistry.preset(clims.prompts),
+        base_registry(ctx),
         terms,
         top_l=mining.top_l,
         margin=mining.margin,
@@ -273,9 +293,10 @@ def resolve_backgrounds(ctx: StageContext, *, must_exist: bool = True) -> tuple[
     import clims_loss as cl
 
     choice = ctx.config.train_clims.backgrounds or "preset"
-    base = cl.BackgroundPromptRegistry.preset(ctx.config.train_clims.prompts)
+    base = base_registry(ctx)
     if choice == "preset":
-        return base, {"backgrounds": "preset"}
+        # "toy" is the identity toy-world runs were first written with; kept so that they still resume.
+        return base, {"backgrounds": "toy" if ctx.config.train_clims.prompts == "toy" else "preset"}
     if choice == "mined":
         path = mined_path(ctx)
         if not path.is_file():

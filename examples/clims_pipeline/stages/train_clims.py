@@ -43,17 +43,13 @@ def build_evaluator(ctx: StageContext) -> Any:
     import clims_loss as cl
 
     from ..clip_training import register_model_configs
-    from ..toy_experiment import toy_registry
     from .train_clip import resolve_clip_pretrained
 
     register_model_configs()  # the tiny toy-world CLIP (clip_configs/)
 
     clims_config = ctx.config.train_clims
     register_clip_configs(getattr(ctx.args, "clip_config", None))
-    if clims_config.prompts == "toy":  # the toy world's registry is not a library preset
-        prompts = toy_registry()
-    else:
-        prompts, _ = resolve_backgrounds(ctx)  # the variant's registry, or its backgrounds from --backgrounds
+    prompts, _ = resolve_backgrounds(ctx)  # the variant's registry, or its backgrounds from --backgrounds
     if tuple(prompts.class_names) and len(prompts.class_names) != ctx.source.num_classes:
         raise ValueError(
             f"prompt preset {clims_config.prompts!r} has {len(prompts.class_names)} classes, the "
@@ -105,8 +101,7 @@ def data_parallel_loss(out: Any, evaluator: Any, world_size: int) -> torch.Tenso
 
 def preflight(ctx: StageContext) -> None:
     check_training_data(ctx)
-    if ctx.config.train_clims.prompts != "toy":  # the toy registry has its backgrounds built in
-        preflight_backgrounds(ctx)
+    preflight_backgrounds(ctx)
 
 
 @register_stage(
@@ -116,9 +111,7 @@ def preflight(ctx: StageContext) -> None:
     preflight=preflight,
 )
 def run(ctx: StageContext) -> None:
-    # The toy registry (clims_pipeline.toyworld) is not a library preset: its backgrounds are its own.
-    toy = ctx.config.train_clims.prompts == "toy"
-    backgrounds = {"backgrounds": "toy"} if toy else resolve_backgrounds(ctx)[1]
+    _, backgrounds = resolve_backgrounds(ctx)  # the toy world's prompts are resolved there too
     if final_model_path(ctx, "train_clims").exists() and not ctx.force:
         check_finished_model(ctx, final_model_path(ctx, "train_clims"), backgrounds)
         ctx.print(

@@ -142,6 +142,30 @@ def test_vocabulary_file_and_stale_settings(tmp_path: Path) -> None:
         run_cli([*args, "mine_backgrounds", "--mine-vocabulary", tmp_path / "empty.txt"])
 
 
+def test_stage_on_the_toy_dataset_starts_from_the_toy_registry(tmp_path: Path) -> None:
+    """--dataset toy: the toy registry (not a library preset) and its CBS form carry over to the mined one."""
+    from clims_pipeline import toyworld
+    from clims_pipeline.toy_experiment import toy_registry
+
+    world = tmp_path / "world"
+    toyworld.generate_toy_world(world, n_train=24, n_val=4, n_background_only=0, progress=False)
+    args = [
+        "--dataset",
+        "toy",
+        "--voc-root",
+        world,
+        "--workdir",
+        tmp_path / "run",
+        "--clip-pretrained",
+        "none",
+    ]
+    assert run_cli([*args, "--stages", "mine_backgrounds", "--set", "data.train_split=train_aug"]) == 0
+    registry = cl.BackgroundPromptRegistry.from_json(tmp_path / "run" / MINED)
+    toy = toy_registry()
+    assert registry.class_names == toy.class_names and registry.cbs_reduction == toy.cbs_reduction
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["mined_backgrounds"]["images"] == 24
+
+
 def mine_toy_world(world: Path, clip_checkpoint: Path, split: str = "train") -> tuple:
     """Mine a toy world's train split with a tiny CLIP trained on its captions; vocabulary: the toy world's
     background words plus the default list."""

@@ -147,18 +147,25 @@ def mine_backgrounds(
     check_values([binary_check("labels", labels), finite_check("labels", labels.float())])
 
     device = next(iter(clip_model.parameters()), torch.empty(0)).device
-    image_features = _embed_batches(lambda x: encoders.encode_image(x.to(device)), images, batch_size)
+
+    def embed_text(texts: list[str]) -> Tensor:
+        return nn.functional.normalize(encoders.encode_text(tokenizer(texts).to(device)).float(), dim=-1)
+
+    # Eval mode for the scores (BatchNorm must use, not overwrite, its running statistics); the
+    # caller's mode is restored afterwards.
+    was_training = clip_model.training
+    clip_model.eval()
+    try:
+        image_features = _embed_batches(lambda x: encoders.encode_image(x.to(device)), images, batch_size)
+        term_features = embed_text([registry.background_template.format(t) for t in terms])  # (J, D)
+        class_features = embed_text(registry.object_prompts())  # (K, D)
+    finally:
+        clip_model.train(was_training)
     if image_features.shape[0] != labels.shape[0]:
         raise ValueError(
             f"expected as many images as labels rows ({labels.shape[0]}), "
             f"got {image_features.shape[0]} images"
         )
-
-    def embed_text(texts: list[str]) -> Tensor:
-        return nn.functional.normalize(encoders.encode_text(tokenizer(texts).to(device)).float(), dim=-1)
-
-    term_features = embed_text([registry.background_template.format(t) for t in terms])  # (J, D)
-    class_features = embed_text(registry.object_prompts())  # (K, D)
 
     positive = labels.to(device=image_features.device, dtype=image_features.dtype)  # (M, K)
     image_term = image_features @ term_features.T  # (M, J)

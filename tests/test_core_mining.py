@@ -138,3 +138,26 @@ def test_default_vocabulary_is_stuff_terms() -> None:
     assert 100 <= len(vocabulary) <= 200 and len(set(vocabulary)) == len(vocabulary)
     for term in ("sky", "water", "river", "sea", "railroad", "grass", "road", "snow", "wall", "floor"):
         assert term in vocabulary
+
+
+def test_mining_scores_in_eval_mode_and_restores_the_mode() -> None:
+    """A CLIP with BatchNorm must be scored with its running statistics, and left as it was."""
+    import open_clip
+
+    clip = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg={"image_size": 32, "layers": (1, 1, 1, 1), "width": 8},  # ModifiedResNet: BatchNorm
+        text_cfg={"context_length": 16, "width": 32, "heads": 2, "layers": 1},
+    ).train()
+    before = {k: v.clone() for k, v in clip.state_dict().items() if "running" in k}
+    images, labels = torch.randn(8, 3, 32, 32), torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4)
+    registry = cl.BackgroundPromptRegistry(name="t", class_names=("boat", "train"))
+    _, in_train_mode = cl.mine_backgrounds(clip, tiny_tokenizer(), images, labels, registry, ["water", "sky"])
+    assert clip.training
+    for key, value in clip.state_dict().items():
+        if key in before:
+            torch.testing.assert_close(value, before[key])
+    clip.eval()
+    _, in_eval_mode = cl.mine_backgrounds(clip, tiny_tokenizer(), images, labels, registry, ["water", "sky"])
+    assert not clip.training
+    assert [s.score for s in in_train_mode["boat"]] == pytest.approx([s.score for s in in_eval_mode["boat"]])

@@ -46,7 +46,7 @@ def load_open_clip(
     cache_dir: str | None = None,
     **model_kwargs: Any,
 ) -> tuple[nn.Module, Any]:
-    """Build ``(model, tokenizer)`` with open_clip.
+    """Build ``(model, tokenizer)`` with open_clip; the model is returned in eval mode.
 
     Args:
         name: an open_clip model name (``"ViT-B-32"``, ``"RN50"``, a name registered with
@@ -80,7 +80,8 @@ def load_open_clip(
         **model_kwargs,
     )
     tokenizer = open_clip.get_tokenizer(name)
-    return model, tokenizer
+    # open_clip builds models in training mode; everything here uses CLIP frozen, as an evaluator.
+    return model.eval(), tokenizer
 
 
 def clip_input_size(model: nn.Module, default: int = 224) -> int:

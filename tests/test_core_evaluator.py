@@ -344,6 +344,8 @@ def test_from_pretrained_loads_a_local_checkpoint(tiny_config_name: str, tmp_pat
     ):
         torch.testing.assert_close(mine, theirs)
     assert evaluator.input_size == 32 and evaluator.text_embeddings.shape == (20, 16)
+    model, _ = cl.load_open_clip(tiny_config_name, path)
+    assert not model.training  # open_clip builds in training mode; the loader hands CLIP over frozen-ready
     out = evaluator(*_batch(20, dtype=torch.float32))
     assert torch.isfinite(out.loss)
 

@@ -335,7 +335,10 @@ def apply_toy_preset(config: PipelineConfig) -> None:
         max_steps=TOY_CLIMS_STEPS,
         log_every=20,
     )
-    config.make_cam = dataclasses.replace(config.make_cam, batch_size=64)
+    # Scales 1.0 and 0.5 (+ flip): on 400 `train` images (the tuning split) they gave a higher CAM mIoU than
+    # the paper's (1.0, 0.5, 1.5, 2.0) for both the baseline (20.4 vs 18.9) and CLIMS (17.4 vs 15.7) networks
+    # at 8x the speed (53 vs 6.7 images/s on one core): upscaled 64-pixel images add no detail.
+    config.make_cam = dataclasses.replace(config.make_cam, scales=(1.0, 0.5), batch_size=64)
     config.eval_cam.overlays = 8
     config.train_aff = dataclasses.replace(
         config.train_aff,

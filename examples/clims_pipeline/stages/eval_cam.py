@@ -85,6 +85,8 @@ def run(ctx: StageContext) -> None:
     reference = int(np.abs(thresholds - config.reference_threshold).argmin())
     iou = iou_from_confusion(sweep.confusion_at(best))
     key = RESULT_KEYS[source]
+    out_dir = ctx.stage_dir("eval_cam")
+    overlay_dir = out_dir / "overlays" / key
     result = {
         "miou": round(100 * mean_iou(iou), 2),
         "threshold": float(thresholds[best]),
@@ -102,6 +104,7 @@ def run(ctx: StageContext) -> None:
         "source": source,
         "crf": False,
         "units": "percent",
+        "overlays": str(overlay_dir),  # the report says where the pictures are
     }
     ctx.update_results({key: result})
     summary = (
@@ -110,12 +113,12 @@ def run(ctx: StageContext) -> None:
         f"{result['miou_at_reference_threshold']:.2f} at {result['reference_threshold']:.2f}"
     )
     table = format_iou_table(f"CAM mIoU: {key}", class_names, iou, summary)
-    out_dir = ctx.stage_dir("eval_cam")
     if ctx.dist.is_main:
         atomic_write(out_dir / f"{key}_table.md", lambda file: file.write((table + "\n").encode()))
-        _write_overlays(ctx, image_ids, cam_dir, out_dir / "overlays" / key, float(thresholds[best]))
+        _write_overlays(ctx, image_ids, cam_dir, overlay_dir, float(thresholds[best]))
     ctx.logger("eval_cam").log("done", key=key, miou=result["miou"], threshold=result["threshold"])
     ctx.print(table)
+    ctx.print(f"[eval_cam] CAM overlays (image | CAM | prediction | ground truth): {overlay_dir}")
 
 
 def _write_overlays(

@@ -63,6 +63,13 @@ def render_results_markdown(results: dict[str, Any], header: str) -> str:
             "",
             f"Baseline CAM (train_cam, before CLIMS): {baseline['miou']:.2f} on {baseline.get('split')}.",
         ]
+    pictures = [
+        f"- {results[key].get('source', key)}: `{results[key]['overlays']}`"
+        for key in ("cam", "cam_baseline")
+        if key in results and results[key].get("overlays")
+    ]
+    if pictures:
+        lines += ["", "CAM overlays (image | CAM | prediction | ground truth), one PNG per image:", *pictures]
     return "\n".join(lines) + "\n"
 
 

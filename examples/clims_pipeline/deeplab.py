@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .networks import fetch_imagenet_state
+
 DEEPLAB_ATROUS_RATES = (6, 12, 18, 24)
 MSC_SCALES = (0.5, 0.75)
 
@@ -60,14 +62,11 @@ def _resnet101_stride8(weights: str) -> nn.Module:
 
     model = torchvision.models.resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
     if weights == "imagenet":
-        try:
-            state = torchvision.models.ResNet101_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
-        except Exception as error:  # offline: say what to do instead
-            raise RuntimeError(
-                "could not fetch torchvision's ImageNet ResNet-101 weights; pass a local file with "
-                "--set train_seg.weights=/path/to/resnet101.pth (a torchvision ResNet-101 state dict, or a "
-                "DeepLabV2 state dict of this pipeline, e.g. COCO-pretrained), or 'none'"
-            ) from error
+        state = fetch_imagenet_state(
+            torchvision.models.ResNet101_Weights.IMAGENET1K_V1,
+            "pass a local file with --set train_seg.weights=/path/to/resnet101.pth (a torchvision ResNet-101 "
+            "state dict, or a DeepLabV2 state dict of this pipeline, e.g. COCO-pretrained), or 'none'",
+        )
         model.load_state_dict(state)
     backbone = nn.Sequential(
         model.conv1,

@@ -15,6 +15,7 @@ them, and frozen statistics make a DDP step equal a single-process one), and the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +40,11 @@ class ResNet50Backbone(nn.Module):
 
         model = torchvision.models.resnet50(weights=None)
         if weights == "imagenet":
-            try:
-                state = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
-            except Exception as error:  # offline machines fail here: say what to do instead
-                raise RuntimeError(
-                    "could not fetch torchvision's ImageNet ResNet-50 weights (IMAGENET1K_V1); download them "
-                    "once "
-                    "and pass --backbone-weights /path/to/resnet50.pth, or --backbone-weights none"
-                ) from error
+            state = fetch_imagenet_state(
+                torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+                "download them once and pass --backbone-weights /path/to/resnet50.pth, "
+                "or --backbone-weights none",
+            )
             model.load_state_dict(state)
         elif weights != "none":
             load_backbone_state(model, Path(weights))
@@ -60,6 +58,16 @@ class ResNet50Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(self.stem(x))
+
+
+def fetch_imagenet_state(weights_enum: Any, local_file_hint: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights, or (offline machines fail here) an error saying what to pass."""
+    try:
+        return weights_enum.get_state_dict(progress=True)  # type: ignore[no-any-return]
+    except Exception as error:
+        raise RuntimeError(
+            f"could not fetch torchvision's ImageNet weights ({weights_enum}); {local_file_hint}"
+        ) from error
 
 
 def load_backbone_state(model: nn.Module, path: Path) -> None:

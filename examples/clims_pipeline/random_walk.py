@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .crf import PSA_CRF, CRFParams, dense_crf
-from .networks import load_backbone_state
+from .networks import fetch_imagenet_state, load_backbone_state
 
 IGNORE_LABEL = 255
 FEATURE_STRIDE = 8
@@ -193,7 +193,22 @@ def downsample_labels(labels: torch.Tensor, stride: int, num_labels: int) -> tor
 # the network
 
 
-class _TinyStride8Backbone(nn.Module):
+class _LevelBackbone(nn.Module):
+    """A stem, then levels whose outputs AffinityNet reads; subclasses build ``stem`` and ``levels``."""
+
+    stem: nn.Module
+    levels: nn.ModuleList
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        outputs = []
+        for level in self.levels:
+            x = level(x)
+            outputs.append(x)
+        return outputs
+
+
+class _TinyStride8Backbone(_LevelBackbone):
     """Three strided conv blocks (to stride 8) and two more at stride 8, for tests and smoke runs."""
 
     level_channels = (16, 24, 32)
@@ -211,16 +226,8 @@ class _TinyStride8Backbone(nn.Module):
         self.stem = nn.Sequential(block(3, 8, 2), block(8, 16, 2))
         self.levels = nn.ModuleList([block(16, 16, 2), block(16, 24, 1), block(24, 32, 1)])
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
-        outputs = []
-        for level in self.levels:
-            x = level(x)
-            outputs.append(x)
-        return outputs
 
-
-class _ResNet50Stride8Backbone(nn.Module):
+class _ResNet50Stride8Backbone(_LevelBackbone):
     """torchvision ResNet-50 with dilated ``layer3``/``layer4`` (output stride 8); it returns the outputs of
     ``layer2``, ``layer3`` and ``layer4``, the three levels PSA's AffinityNet reads (there of ResNet-38)."""
 
@@ -232,13 +239,10 @@ class _ResNet50Stride8Backbone(nn.Module):
 
         model = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
         if weights == "imagenet":
-            try:
-                state = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
-            except Exception as error:  # offline: say what to do instead
-                raise RuntimeError(
-                    "could not fetch torchvision's ImageNet ResNet-50 weights for AffinityNet; pass a local "
-                    "file with --set train_aff.weights=/path/to/resnet50.pth (or 'none')"
-                ) from error
+            state = fetch_imagenet_state(
+                torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+                "pass a local file with --set train_aff.weights=/path/to/resnet50.pth (or 'none')",
+            )
             model.load_state_dict(state)
         elif weights != "none":
             load_backbone_state(model, Path(weights))
@@ -247,14 +251,6 @@ class _ResNet50Stride8Backbone(nn.Module):
         # PSA keeps its first blocks fixed; here the stem and layer1 (generic low-level filters).
         for parameter in self.stem.parameters():
             parameter.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
-        outputs = []
-        for level in self.levels:
-            x = level(x)
-            outputs.append(x)
-        return outputs
 
 
 class AffinityNet(nn.Module):

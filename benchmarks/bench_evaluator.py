@@ -570,32 +570,34 @@ def main_variants() -> list[Variant]:
     ]
 
 
-def under_floor_variants(with_compile: bool) -> list[Variant]:
-    rows = [
-        Variant("fused (fp32)", "fused", "baseline of this group, interleaved with the rows below"),
-        Variant(
-            "+channels_last",
-            "fused",
-            "views and conv1 in channels_last",
-            channels_last=True,
-            error_vs_fp32=True,
-        ),
-        Variant(
-            "+sdpa-math",
-            "fused",
-            "SDPA forced to its math kernel (open_clip uses SDPA already)",
-            sdpa_math=True,
-            error_vs_fp32=True,
-        ),
-        Variant("+bf16-autocast", "fused", "torch.autocast(bfloat16), opt-in", bf16=True, error_vs_fp32=True),
-    ]
-    if with_compile:
-        rows.append(
-            Variant(
-                "+compile", "fused", "torch.compile(model.visual), inductor", compile=True, error_vs_fp32=True
-            )
-        )
-    return rows
+#: The rows ``--under-floor`` can add, by the name ``--under-floor-rows`` uses.
+UNDER_FLOOR_ROWS: dict[str, Variant] = {
+    "channels_last": Variant(
+        "+channels_last", "fused", "views and conv1 in channels_last", channels_last=True, error_vs_fp32=True
+    ),
+    "sdpa-math": Variant(
+        "+sdpa-math",
+        "fused",
+        "SDPA forced to its math kernel (open_clip uses SDPA already)",
+        sdpa_math=True,
+        error_vs_fp32=True,
+    ),
+    "bf16": Variant(
+        "+bf16-autocast", "fused", "torch.autocast(bfloat16), opt-in", bf16=True, error_vs_fp32=True
+    ),
+    "compile": Variant(
+        "+compile", "fused", "torch.compile(model.visual), inductor", compile=True, error_vs_fp32=True
+    ),
+}
+
+
+def under_floor_variants(names: Sequence[str]) -> list[Variant]:
+    """The fp32 fused baseline of the group, then the named rows of ``UNDER_FLOOR_ROWS``."""
+    unknown = [name for name in names if name not in UNDER_FLOOR_ROWS]
+    if unknown:
+        raise ValueError(f"expected under-floor rows from {list(UNDER_FLOOR_ROWS)}, got unknown {unknown}")
+    baseline = Variant("fused (fp32)", "fused", "baseline of this group, interleaved with the rows below")
+    return [baseline, *(UNDER_FLOOR_ROWS[name] for name in names)]
 
 
 def scaling_variants(pair_counts: Sequence[int], cap: int) -> list[Variant]:
@@ -716,6 +718,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="with --under-floor: add the torch.compile row (slow to compile)",
     )
+    add(
+        "--under-floor-rows",
+        default="channels_last,sdpa-math,bf16",
+        help=f"with --under-floor: which rows, from {','.join(UNDER_FLOOR_ROWS)} (bf16 is emulated, "
+        "hence slow, on CPUs without native bf16)",
+    )
+    add("--under-floor-steps", type=int, default=None, help="timed rounds of the under-floor group")
     add("--scaling", default="", help="pair counts of the scaling rows, e.g. 4,16,64 (default: none)")
     add("--scaling-cap", type=int, default=16, help="max_views_per_forward of the capped scaling rows")
     add("--scaling-steps", type=int, default=3, help="timed steps of each scaling point")
@@ -770,9 +779,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     under_floor: dict[str, dict[str, Any]] = {}
     if args.under_floor:
-        group = under_floor_variants(args.compile)
+        names = [name.strip() for name in args.under_floor_rows.split(",") if name.strip()]
+        if args.compile and "compile" not in names:
+            names.append("compile")
+        group = under_floor_variants(names)
+        steps = {"steps": args.under_floor_steps} if args.under_floor_steps else {}
         _progress(f"under the floor: {', '.join(v.name for v in group)} round-robin")
-        under_floor = run(task("timing", group))["rows"]
+        under_floor = run(task("timing", group, steps))["rows"]
     scaling: dict[str, dict[str, Any]] = {}
     for variant in scaling_variants([int(p) for p in args.scaling.split(",") if p.strip()], args.scaling_cap):
         _progress(f"scaling: {variant.description} in its own process")

@@ -20,7 +20,8 @@ TINY_ARGS = [
     "--model-config", json.dumps(TINY_CONFIG),
     "--batch", "2", "--pairs", "3", "--image-size", "48", "--cam-size", "8",
     "--steps", "1", "--warmup", "0", "--threads", "1",
-    "--under-floor", "--scaling", "1,3", "--scaling-cap", "2",
+    "--under-floor", "--under-floor-rows", "channels_last,sdpa-math,bf16", "--under-floor-steps", "1",
+    "--scaling", "1,3", "--scaling-cap", "2",
 ]  # fmt: skip
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pipeline_helpers  # noqa: F401  (puts examples/ on sys.path)
 import pytest
 import torch
+import torch.nn.functional as F
 from clims_pipeline.crf import CRF_INSTALL_HINT, DEEPLAB_CRF, PSA_CRF, crf_available, dense_crf
 from clims_pipeline.deeplab import ASPP, MSC, DeepLabV2, build_deeplab, msc_loss
 from clims_pipeline.random_walk import (
@@ -178,3 +179,14 @@ def test_msc_fuses_by_max_and_trains_on_every_output() -> None:
     loss = msc_loss(outputs, labels)
     loss.backward()
     assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_msc_loss_is_the_mean_over_labelled_pixels_and_zero_without_any() -> None:
+    torch.manual_seed(0)
+    outputs = [torch.randn(2, 5, 8, 10) for _ in range(3)]
+    labels = torch.randint(0, 5, (2, 64, 80))
+    labels[0, :40] = 255
+    resized = labels[:, ::8, ::8]  # nearest resize of a 8x exact multiple
+    expected = sum(F.cross_entropy(o, resized, ignore_index=255) for o in outputs)
+    torch.testing.assert_close(msc_loss(outputs, labels), expected)
+    assert msc_loss(outputs, torch.full_like(labels, 255)).item() == 0.0  # not NaN

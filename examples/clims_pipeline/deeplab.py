@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import all_reduce_sum
 from .networks import fetch_imagenet_state
 
 DEEPLAB_ATROUS_RATES = (6, 12, 18, 24)
@@ -200,12 +201,28 @@ def load_segmentation_init(model: DeepLabV2, path: Path) -> None:
         )
 
 
-def msc_loss(outputs: list[torch.Tensor], labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """Cross-entropy summed over the MSC outputs; labels (B, H, W) are resized to the logits (nearest)."""
+def msc_loss(
+    outputs: list[torch.Tensor], labels: torch.Tensor, ignore_index: int = 255, world_size: int = 1
+) -> torch.Tensor:
+    """Cross-entropy summed over the MSC outputs; labels (B, H, W) are resized to the logits (nearest).
+
+    Each term is the mean over the labelled pixels of the batch (0 when there are none). With ``world_size``
+    > 1 (one rank of a DDP step) the mean is over the labelled pixels of *all* ranks' batches (one
+    all-reduce of the count) times ``world_size``: the ranks' crops hold different numbers of ignored
+    pixels (padding, void), and DDP's average of the ranks' gradients then equals the gradient of one process
+    on the whole global batch.
+    """
     size = outputs[0].shape[-2:]
     resized = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    labelled = (resized != ignore_index).sum().to(torch.float32)
+    if world_size > 1:
+        labelled = all_reduce_sum(labelled.clone())
+    scale = world_size / labelled.clamp_min(1.0)
     return sum(
-        (F.cross_entropy(logits.float(), resized, ignore_index=ignore_index) for logits in outputs),
+        (
+            F.cross_entropy(logits.float(), resized, ignore_index=ignore_index, reduction="sum") * scale
+            for logits in outputs
+        ),
         start=torch.zeros((), device=labels.device),
     )
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .crf import PSA_CRF, CRFParams, dense_crf
+from .distributed import all_reduce_sum
 from .networks import fetch_imagenet_state, load_backbone_state
 
 IGNORE_LABEL = 255
@@ -104,11 +105,15 @@ def affinity_label_masks(
 
 
 def affinity_loss(
-    affinities: torch.Tensor, labels: torch.Tensor, offsets: list[tuple[int, int]]
+    affinities: torch.Tensor, labels: torch.Tensor, offsets: list[tuple[int, int]], world_size: int = 1
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PSA's loss ``L_bg/4 + L_fg/4 + L_neg/2``; each term is a cross-entropy averaged over its pairs.
 
-    affinities (B, O, h, w) in (0, 1]; labels (B, h, w) as in :func:`affinity_label_masks`.
+    affinities (B, O, h, w) in (0, 1]; labels (B, h, w) as in :func:`affinity_label_masks`. With
+    ``world_size`` > 1 (one rank of a DDP step) each term averages over the pairs of *all* ranks' batches
+    (one all-reduce of the three pair counts) times ``world_size``: the ranks hold different numbers of
+    pairs, and DDP's average of the ranks' gradients then equals the gradient of one process on the whole
+    global batch (the logged parts, averaged over the ranks, are the global means too).
     """
     if affinities.shape[2:] != labels.shape[1:] or affinities.shape[0] != labels.shape[0]:
         raise ValueError(
@@ -118,13 +123,16 @@ def affinity_loss(
     background, foreground, negative = affinity_label_masks(labels, offsets)
     affinities = affinities.float()
     eps = 1e-5  # keeps log finite at affinity 0 or 1, and empty pair sets at loss 0
+    counts = torch.stack([background.sum(), foreground.sum(), negative.sum()])
+    if world_size > 1:
+        counts = all_reduce_sum(counts.detach().clone())
 
-    def mean_over(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        return (mask * values).sum() / (mask.sum() + eps)
+    def mean_over(mask: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        return (mask * values).sum() * world_size / (count + eps)
 
-    background_loss = mean_over(background, -torch.log(affinities + eps))
-    foreground_loss = mean_over(foreground, -torch.log(affinities + eps))
-    negative_loss = mean_over(negative, -torch.log(1.0 + eps - affinities))
+    background_loss = mean_over(background, -torch.log(affinities + eps), counts[0])
+    foreground_loss = mean_over(foreground, -torch.log(affinities + eps), counts[1])
+    negative_loss = mean_over(negative, -torch.log(1.0 + eps - affinities), counts[2])
     loss = background_loss / 4 + foreground_loss / 4 + negative_loss / 2
     return loss, {"bg": background_loss, "fg": foreground_loss, "neg": negative_loss}
 

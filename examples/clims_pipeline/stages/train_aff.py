@@ -8,7 +8,8 @@
 2. Training: random rescale (long side 448-768), colour jitter, flip, crop 448; labels reduced to the stride-8
    grid; pairs within radius 5; loss ``L_bg/4 + L_fg/4 + L_neg/2``; 8 epochs of batch 8, lr 0.1 poly (10x
    head), weight decay 5e-4 (PSA's settings, ``train_aff.*`` in the config). The shared trainer gives DDP,
-   AMP, checkpoints per epoch and resuming.
+   AMP, checkpoints per epoch and resuming; the pair means are taken over the global batch, so a DDP step
+   equals a single-process step.
 """
 
 from __future__ import annotations
@@ -224,12 +225,14 @@ def run(ctx: StageContext) -> None:
     torch.manual_seed(ctx.seed)  # the same head init on every rank and every rerun
     model = build_affinity_net(config, config.weights)
     offsets = pair_offsets(config.radius)
+    world_size = ctx.dist.world_size
 
     def loss_fn(
         network: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         features = network(batch["image"]).float()
-        return affinity_loss(pair_affinities(features, offsets), batch["label"], offsets)
+        # Pair means over the global batch (ranks hold different pair counts): DDP step == 1-process step.
+        return affinity_loss(pair_affinities(features, offsets), batch["label"], offsets, world_size)
 
     meta = {
         "backbone": config.backbone,

@@ -3,7 +3,8 @@
 deeplab-pytorch's VOC configuration as CLIMS used it: batch 10, 30k iterations, lr 2.5e-4 with poly 0.9
 (10x on ASPP), momentum 0.9, weight decay 5e-4, random rescaling by 0.5-1.5, flip, crop 321 (image padded with
 the mean, masks with 255), initialised from ImageNet or COCO weights in a local file (``train_seg.weights``).
-The shared trainer gives DDP, AMP, checkpoints and resuming.
+The shared trainer gives DDP, AMP, checkpoints and resuming; the loss is normalised over the global batch's
+labelled pixels, so a DDP step equals a single-process step.
 """
 
 from __future__ import annotations
@@ -105,11 +106,13 @@ def run(ctx: StageContext) -> None:
     dataset = SegmentationCropDataset(ctx.source, image_ids, mask_dir, config, ctx.seed)
     torch.manual_seed(ctx.seed)
     model = build_deeplab(ctx.source.num_classes + 1, config.backbone, config.weights, config.msc_scales)
+    world_size = ctx.dist.world_size
 
     def loss_fn(
         network: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return msc_loss(network(batch["image"]), batch["label"]), {}
+        # Normalised by the labelled pixels of the global batch, so that a DDP step equals a 1-process step.
+        return msc_loss(network(batch["image"]), batch["label"], world_size=world_size), {}
 
     meta = {
         "backbone": config.backbone,

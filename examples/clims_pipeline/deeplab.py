@@ -22,6 +22,7 @@ from torch import nn
 
 from .distributed import all_reduce_sum
 from .networks import fetch_imagenet_state
+from .segmentation_init import SegmentationInitReport, load_segmentation_init
 
 DEEPLAB_ATROUS_RATES = (6, 12, 18, 24)
 MSC_SCALES = (0.5, 0.75)
@@ -65,8 +66,9 @@ def _resnet101_stride8(weights: str) -> nn.Module:
     if weights == "imagenet":
         state = fetch_imagenet_state(
             torchvision.models.ResNet101_Weights.IMAGENET1K_V1,
-            "pass a local file with --set train_seg.weights=/path/to/resnet101.pth (a torchvision ResNet-101 "
-            "state dict, or a DeepLabV2 state dict of this pipeline, e.g. COCO-pretrained), or 'none'",
+            "pass a local file with --set train_seg.weights=/path/to/file.pth (a torchvision ResNet-101, a "
+            "deeplab-pytorch file such as deeplabv1_resnet101-coco.pth, or a DeepLabV2 of this pipeline), "
+            "or 'none'",
         )
         model.load_state_dict(state)
     backbone = nn.Sequential(
@@ -102,8 +104,10 @@ class DeepLabV2(nn.Module):
             raise ValueError(f"expected backbone 'resnet101' or 'tiny', got {backbone!r}")
         self.aspp = ASPP(self.backbone.out_channels, num_classes, rates)
         self.num_classes = num_classes
+        #: What a local init file gave (layout, tensors loaded and skipped, notes); None without a file.
+        self.init_report: SegmentationInitReport | None = None
         if weights not in ("imagenet", "none"):
-            load_segmentation_init(self, Path(weights))
+            self.init_report = load_segmentation_init(self, Path(weights))
 
     def train(self, mode: bool = True) -> DeepLabV2:
         super().train(mode)
@@ -166,39 +170,6 @@ def build_deeplab(
     msc_scales: Sequence[float] = MSC_SCALES,
 ) -> MSC:
     return MSC(DeepLabV2(num_classes, backbone, weights), msc_scales)
-
-
-def load_segmentation_init(model: DeepLabV2, path: Path) -> None:
-    """Initialise from a local file: a torchvision-layout ResNet-101 state dict (ImageNet), or a DeepLabV2
-    state dict of this pipeline (``backbone.*``/``aspp.*`` keys, e.g. COCO-pretrained; its ASPP is kept only
-    when the class count matches)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"train_seg.weights: no such file: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    state = {key.removeprefix("module.").removeprefix("base."): value for key, value in state.items()}
-    if any(key.startswith("backbone.") for key in state):
-        own = model.state_dict()
-        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        missing = [key for key in own if key.startswith("backbone.") and key not in state]
-        if missing:
-            raise ValueError(f"train_seg.weights {path}: backbone keys missing, e.g. {missing[:5]}")
-        model.load_state_dict(state, strict=False)
-        return
-    # A torchvision ResNet: positions 0, 1, 4..7 of the backbone Sequential are conv1, bn1, layer1..layer4.
-    renamed = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
-    mapped = {}
-    for key, value in state.items():
-        head, _, rest = key.partition(".")
-        if head in renamed:
-            mapped[f"{renamed[head]}.{rest}"] = value
-    missing, unexpected = model.backbone.load_state_dict(mapped, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"train_seg.weights {path}: not a ResNet-101 state dict (missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]})"
-        )
 
 
 def msc_loss(

@@ -2,9 +2,10 @@
 
 deeplab-pytorch's VOC configuration as CLIMS used it: batch 10, 30k iterations, lr 2.5e-4 with poly 0.9
 (10x on ASPP), momentum 0.9, weight decay 5e-4, random rescaling by 0.5-1.5, flip, crop 321 (image padded with
-the mean, masks with 255), initialised from ImageNet or COCO weights in a local file (``train_seg.weights``).
-The shared trainer gives DDP, AMP, checkpoints and resuming; the loss is normalised over the global batch's
-labelled pixels, so a DDP step equals a single-process step.
+the mean, masks with 255), initialised from ImageNet or COCO weights in a local file (``train_seg.weights``:
+torchvision, deeplab-pytorch or this pipeline's layout; see ``segmentation_init``). The shared trainer gives
+DDP, AMP, checkpoints and resuming; the loss is normalised over the global batch's labelled pixels, so a DDP
+step equals a single-process step.
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ def run(ctx: StageContext) -> None:
     dataset = SegmentationCropDataset(ctx.source, image_ids, mask_dir, config, ctx.seed)
     torch.manual_seed(ctx.seed)
     model = build_deeplab(ctx.source.num_classes + 1, config.backbone, config.weights, config.msc_scales)
+    report = model.base.init_report
+    if report is not None:
+        ctx.print(f"[train_seg] {report.summary()}")
+        ctx.logger("train_seg").log("init", **report.as_dict())
     world_size = ctx.dist.world_size
 
     def loss_fn(

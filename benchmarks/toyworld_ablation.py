@@ -26,7 +26,15 @@ EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES_DIR))
 
 from clims_pipeline import toy_experiment as experiment  # noqa: E402
-from clims_pipeline.clip_training import TINY_CLIP_NAME, TOY_FROM_SCRATCH, toy_world_samples, train_clip  # noqa: E402
+from clims_pipeline.clip_training import (  # noqa: E402
+    TINY_CLIP_NAME,
+    TOY_CLIP_CORPORA,
+    TOY_FROM_SCRATCH,
+    Augment,
+    toy_clip_corpus,
+    toy_corpus_settings,
+    train_clip,
+)
 from clims_pipeline.presets import build_config  # noqa: E402
 from clims_pipeline.toyworld import CLASS_BACKGROUND, TOY_CLASSES, generate_toy_world  # noqa: E402
 from clims_pipeline.visualize import colorize_labels, jet  # noqa: E402
@@ -51,6 +59,22 @@ def settings_from_toy_preset(args: argparse.Namespace) -> experiment.AblationSet
         settings.clims_train.max_steps = args.clims_steps
     settings.eval_limit = args.eval_images
     settings.train_limit = args.train_images
+    if args.rows is not None:
+        rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+        unknown = [r for r in rows if r != "baseline" and r not in experiment.ABLATION_ROWS]
+        if unknown:
+            raise SystemExit(
+                f"--rows: expected names from baseline,{','.join(experiment.ABLATION_ROWS)}, got {unknown}"
+            )
+        settings.rows = rows
+    if args.backgrounds is not None:
+        import clims_loss as cl
+
+        registry = cl.BackgroundPromptRegistry.from_json(args.backgrounds)
+        missing = [c for c in TOY_CLASSES if c not in registry.class_backgrounds]
+        if missing:
+            raise SystemExit(f"--backgrounds {args.backgrounds}: no background terms for {missing}")
+        settings.class_backgrounds = {c: list(registry.class_backgrounds[c]) for c in TOY_CLASSES}
     return settings
 
 
@@ -96,11 +120,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n-val", type=int, default=500, help="toy world: held-out evaluation images")
     parser.add_argument("--clip-epochs", type=int, default=int(TOY_FROM_SCRATCH["epochs"]))
     parser.add_argument("--clip-steps", type=int, help="cap on CLIP training steps (tests)")
+    parser.add_argument(
+        "--clip-corpus",
+        choices=sorted(TOY_CLIP_CORPORA),
+        default="captions",
+        help="the tiny CLIP's corpus: the world's captions, or 'web' (+ cut-outs, object-free pictures)",
+    )
+    parser.add_argument(
+        "--clip-cutouts", type=int, help="override the corpus' number of cut-out objects (tests)"
+    )
+    parser.add_argument(
+        "--clip-backgrounds", type=int, help="override its extra object-free pictures (tests)"
+    )
     parser.add_argument("--cam-steps", type=int, help="cap on baseline CAM training steps (tests)")
     parser.add_argument("--clims-steps", type=int, help="CLIMS steps per row (default: the toy preset's)")
     parser.add_argument("--train-images", type=int, help="use only the first N training images (tests)")
     parser.add_argument("--eval-images", type=int, help="evaluate on the first N val images (tests)")
     parser.add_argument("--grid-rows", type=int, default=6)
+    parser.add_argument("--rows", help="comma-separated rows to run (default: all), e.g. baseline,full")
+    parser.add_argument(
+        "--backgrounds",
+        type=Path,
+        help="registry JSON (e.g. mine_backgrounds' mined_backgrounds.json) whose class backgrounds replace "
+        "the hand-written toy ones in the CBS term",
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 was fastest on 2 shared cores)"
     )
@@ -113,10 +156,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     world = args.workdir / "toyworld"
     generate_toy_world(world, n_train=args.n_train, n_val=args.n_val, seed=0, progress=False)
     world_seconds = time.perf_counter() - started
-    clip_path = args.workdir / f"clip-{args.n_train}-{args.clip_epochs}-{args.clip_steps}.pt"
+    corpus = dict(toy_corpus_settings(args.clip_corpus))
+    if args.clip_cutouts is not None:
+        corpus["object_cutouts"] = args.clip_cutouts
+    if args.clip_backgrounds is not None:
+        corpus["extra_backgrounds"] = args.clip_backgrounds
+    corpus_tag = "-".join(str(corpus[k]) for k in sorted(corpus))
+    clip_path = args.workdir / f"clip-{args.n_train}-{args.clip_epochs}-{args.clip_steps}-{corpus_tag}.pt"
     if not clip_path.exists():
+        samples, maskable = toy_clip_corpus(
+            world,
+            object_cutouts=corpus["object_cutouts"],
+            extra_backgrounds=corpus["extra_backgrounds"],
+            mask_scenes=corpus["mask_scenes"],
+        )
         train_clip(
-            toy_world_samples(world, ["train_aug", "background_only_train"]),
+            samples,
+            maskable=maskable,
+            augment=Augment(space=corpus["mask_space"]),
             model_name=TINY_CLIP_NAME,
             epochs=args.clip_epochs,
             lr=TOY_FROM_SCRATCH["lr"],

@@ -236,3 +236,47 @@ def test_train_clip_resumes_instead_of_repeating(world: Path, tmp_path: Path) ->
         torch.testing.assert_close(
             again.model.encode_text(texts), first.model.encode_text(texts), rtol=0, atol=0
         )
+
+
+def test_toy_clip_corpus_adds_cutouts_and_backgrounds_and_masks_only_safe_samples(world: Path) -> None:
+    default_samples, default_maskable = clip_training.toy_clip_corpus(world)  # the "captions" corpus
+    assert all(default_maskable) and default_samples == clip_training.toy_world_samples(world)
+    samples, maskable = clip_training.toy_clip_corpus(
+        world, object_cutouts=6, extra_backgrounds=7, mask_scenes=False
+    )
+    scenes = len(toyworld.read_captions(world, ["train_aug"]))
+    backgrounds = len(toyworld.read_captions(world, ["background_only_train"]))
+    assert len(samples) == len(maskable) == scenes + backgrounds + 6 + 7
+    # The world's scenes come first and stay unmasked; everything whose caption survives a mask is maskable.
+    assert not any(maskable[:scenes]) and all(maskable[scenes:])
+    cutouts = np.stack([image for image, _ in samples[scenes + backgrounds : scenes + backgrounds + 6]])
+    captions = [caption for _, caption in samples[scenes + backgrounds : scenes + backgrounds + 6]]
+    assert (cutouts.max(axis=-1) == 0).mean() > 0.4  # mostly black around the objects
+    assert all(any(name in caption for name in toyworld.TOY_CLASSES) for caption in captions)
+    assert not any(
+        term in caption
+        for caption in captions
+        for terms in toyworld.BACKGROUND_TERMS.values()
+        for term in terms
+    )
+    with pytest.raises(ValueError, match="toy CLIP corpus"):
+        clip_training.toy_corpus_settings("webb")
+    with pytest.raises(ValueError, match="one maskable flag per sample"):
+        clip_training.train_clip(samples, maskable=maskable[:-1], out_path=world / "x.pt", progress=False)
+
+
+def test_pixel_space_masking_fills_black_and_leaves_unmaskable_images_alone() -> None:
+    """The evaluator masks pixels by default (masked-out parts are black): CLIP trains on the same."""
+    pixels = torch.rand(4, 3, 16, 16)
+    mean, std = (
+        torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1),
+        torch.tensor([0.2, 0.3, 0.25]).view(1, 3, 1, 1),
+    )
+    augment = clip_training.Augment(mask_prob=1.0, keep=(0.3, 0.3), flip_prob=0.0, space="pixel")
+    maskable = torch.tensor([True, True, False, False])
+    out = clip_training._augment(pixels, augment, torch.Generator().manual_seed(0), maskable, mean, std)
+    torch.testing.assert_close(out[2:], (pixels[2:] - mean) / std)
+    recovered = out[:2] * std + mean  # back to pixels: the kept part is the image, the rest goes to 0
+    ratio = recovered / pixels[:2]
+    assert ratio.min() >= -1e-5 and ratio.max() <= 1 + 1e-5
+    assert (ratio.amax(dim=1) < 0.01).float().mean() > 0.4  # about 70 % masked out, to black

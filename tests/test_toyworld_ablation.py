@@ -35,8 +35,8 @@ def test_ablation_code_path_on_a_tiny_world(tmp_path: Path) -> None:
     bench.main(
         [
             "--workdir", str(tmp_path / "work"), "--json", str(out), "--seeds", "0",
-            "--n-train", "64", "--n-val", "16", "--clip-steps", "2", "--cam-steps", "3",
-            "--clims-steps", "2", "--grid-rows", "2",
+            "--n-train", "64", "--n-val", "16", "--clip-steps", "2", "--cam-steps", "3", "--clims-steps", "2",
+            "--clip-corpus", "web", "--clip-cutouts", "16", "--clip-backgrounds", "12", "--grid-rows", "2",
         ]
     )  # fmt: skip
     summary = json.loads(out.read_text())
@@ -53,3 +53,39 @@ def test_full_ablation(tmp_path: Path) -> None:
     summary = load_bench().main(["--workdir", str(tmp_path), "--json", str(tmp_path / "out.json")])
     rows = summary["rows"]
     assert rows["full"]["miou_mean"] >= rows["baseline"]["miou_mean"] + 10.0
+
+
+def test_rows_and_backgrounds_options(tmp_path: Path) -> None:
+    """--rows picks rows; --backgrounds puts a registry file's terms (e.g. mined) into the CBS prompts."""
+    import argparse
+
+    import clims_loss as cl
+
+    bench = load_bench()  # puts examples/ on the path
+    from clims_pipeline import toy_experiment
+    from clims_pipeline.toyworld import TOY_CLASSES
+
+    mined = {name: [f"{name} place", "ground"] for name in TOY_CLASSES}
+    path = tmp_path / "mined.json"
+    toy_experiment.toy_registry().replace(class_backgrounds=mined).to_json(path)
+    args = argparse.Namespace(
+        cam_steps=None,
+        clims_steps=None,
+        eval_images=None,
+        train_images=None,
+        rows="baseline,full",
+        backgrounds=path,
+    )
+    settings = bench.settings_from_toy_preset(args)
+    assert settings.rows == ("baseline", "full") and settings.class_backgrounds == mined
+    registry = toy_experiment.toy_registry(class_backgrounds=settings.class_backgrounds)
+    assert registry.backgrounds_for("boat") == ("boat place", "ground")
+    assert registry.cbs_reduction == toy_experiment.toy_registry().cbs_reduction
+    with pytest.raises(SystemExit, match="expected names"):
+        bench.settings_from_toy_preset(argparse.Namespace(**{**vars(args), "rows": "baseline,fulll"}))
+    partial = tmp_path / "partial.json"
+    cl.BackgroundPromptRegistry(name="p", class_names=("boat",), class_backgrounds={"boat": ["sea"]}).to_json(
+        partial
+    )
+    with pytest.raises(SystemExit, match="no background terms"):
+        bench.settings_from_toy_preset(argparse.Namespace(**{**vars(args), "backgrounds": partial}))

@@ -72,17 +72,19 @@ register_model_configs()
 class Augment:
     """Batch augmentation for CLIP training.
 
-    ``mask_prob``: fraction of images multiplied by a random soft mask in normalised space. The CLIMS
-    evaluator shows CLIP ``X * P_k`` and ``X * (1 - P_k)``, i.e. images whose masked-out part is 0
-    after normalisation (the mean colour), with soft borders; a CLIP that never saw such images
-    would judge the masking, not the content. The mask keeps ``keep`` (uniform in the range) of the
-    image in smooth random blobs, so the caption usually stays true.
+    ``mask_prob``: fraction of the maskable images (see ``train_clip``'s ``maskable``) multiplied by a
+    random soft mask. The CLIMS evaluator shows CLIP ``X * P_k`` and ``X * (1 - P_k)``, images whose
+    masked-out part is black (``space="pixel"``, the evaluator's default masking) or the mean colour
+    (``space="normalised"``, its ``pass_through`` mode), with soft borders; a CLIP that never saw such
+    images would judge the masking, not the content. The mask keeps ``keep`` (uniform in the range) of
+    the image in smooth random blobs.
     ``flip_prob``: horizontal flips (captions do not say left or right).
     """
 
     mask_prob: float = 0.5
     keep: tuple[float, float] = (0.4, 0.9)
     flip_prob: float = 0.5
+    space: str = "normalised"
 
 
 NO_AUGMENT = Augment(mask_prob=0.0, flip_prob=0.0)
@@ -122,6 +124,63 @@ def toy_world_samples(
     if not samples:
         raise ValueError(f"no captions of splits {list(splits)} in {root / 'captions.jsonl'}")
     return samples
+
+
+#: The toy CLIP's training corpora. "captions": the world's captioned scenes and background-only
+#: images, any of them masked in normalised space (the recipe of the measured toy ablation). "web": the
+#: same plus objects cut out on black and more object-free pictures, masks in pixel space (black, as the
+#: evaluator's default masking) on those only; see ``toy_clip_corpus`` and docs/toyworld.md.
+TOY_CLIP_CORPORA: dict[str, dict[str, Any]] = {
+    "captions": {
+        "object_cutouts": 0,
+        "extra_backgrounds": 0,
+        "mask_scenes": True,
+        "mask_space": "normalised",
+    },
+    "web": {"object_cutouts": 1500, "extra_backgrounds": 1000, "mask_scenes": False, "mask_space": "pixel"},
+}
+
+
+def toy_corpus_settings(name: str) -> dict[str, Any]:
+    """The settings of a named toy CLIP corpus; a clear error for an unknown name."""
+    if name not in TOY_CLIP_CORPORA:
+        raise ValueError(f"expected a toy CLIP corpus from {list(TOY_CLIP_CORPORA)}, got {name!r}")
+    return TOY_CLIP_CORPORA[name]
+
+
+def toy_clip_corpus(
+    root: str | os.PathLike[str],
+    splits: Sequence[str] = ("train_aug", "background_only_train"),
+    *,
+    object_cutouts: int = 0,
+    extra_backgrounds: int = 0,
+    mask_scenes: bool = True,
+    seed: int = 0,
+) -> tuple[list[tuple[ImageSource, str]], list[bool]]:
+    """The toy CLIP's training pairs and which of them the masking augmentation may touch.
+
+    The world's captioned scenes and background-only images, plus ``object_cutouts`` objects cut out on
+    black and ``extra_backgrounds`` object-free pictures, rendered fresh (``toyworld.render_object_cutouts``,
+    ``render_background_captions``), as a web-scale corpus has both. Scenes are masked only with
+    ``mask_scenes``: a mask that hides the object while the caption names it teaches CLIP that the
+    surroundings are the object.
+    """
+    from . import toyworld  # local import: the rest of this module also serves real data
+
+    records = toyworld.read_captions(root, splits)
+    if not records:
+        raise ValueError(f"no captions of splits {list(splits)} in {Path(root) / 'captions.jsonl'}")
+    samples: list[tuple[ImageSource, str]] = [
+        (toyworld.image_path(root, r["id"]), r["caption"]) for r in records
+    ]
+    maskable = [mask_scenes or r["split"].startswith("background_only") for r in records]
+    for images, captions in (
+        toyworld.render_object_cutouts(object_cutouts, seed=seed),
+        toyworld.render_background_captions(extra_backgrounds, seed=seed),
+    ):
+        samples += list(zip(list(images), captions, strict=True))
+        maskable += [True] * len(captions)
+    return samples, maskable
 
 
 def label_caption(class_names: Sequence[str], template: str = "a photo of {}.") -> str:
@@ -298,6 +357,7 @@ def train_clip(
     resume: bool = True,
     progress: bool = True,
     quick_gelu: bool = False,
+    maskable: Sequence[bool] | None = None,
 ) -> ClipTrainingResult:
     """Train (``pretrained=None``) or fine-tune an open_clip model contrastively on (image, caption) pairs.
 
@@ -308,6 +368,11 @@ def train_clip(
     ``out_path`` and the optimizer state to ``<out_path>.resume``, so an interrupted run resumes (with
     ``resume``); a finished run is not repeated. A resumed run sees the same batches as an uninterrupted
     one, but other random masks (the mask generator's state is not saved).
+
+    ``maskable`` says which samples the augmentation may mask (default: all). A mask can hide the object
+    a caption names, which teaches CLIP that the object's surroundings are the object; samples whose
+    caption stays true under any mask (background-only images, objects cut out on black) are the safe
+    ones to mask.
     """
     if not samples:
         raise ValueError("expected at least one (image, caption) sample, got none")
@@ -315,6 +380,13 @@ def train_clip(
         raise ValueError(
             f"expected epochs >= 1 and batch_size >= 2, got epochs={epochs}, batch_size={batch_size}"
         )
+    if augment is not None and augment.space not in ("pixel", "normalised"):
+        raise ValueError(f"expected augment.space 'pixel' or 'normalised', got {augment.space!r}")
+    if maskable is not None and len(maskable) != len(samples):
+        raise ValueError(f"expected one maskable flag per sample ({len(samples)}), got {len(maskable)}")
+    maskable_flags = torch.ones(len(samples), dtype=torch.bool)
+    if maskable is not None:
+        maskable_flags = torch.tensor(list(maskable), dtype=torch.bool)
     device = _default_device(device)
     torch.manual_seed(seed)
     random.seed(seed)
@@ -356,6 +428,7 @@ def train_clip(
         "augment": asdict(augment) if augment else None,
         "total_steps": total_steps,
         "quick_gelu": quick_gelu,
+        "maskable": int(maskable_flags.sum()),
     }
     history: dict[str, Any] = {"meta": meta, "epochs": []}
     resume_path = Path(str(out_path) + ".resume")
@@ -385,9 +458,11 @@ def train_clip(
             if step >= total_steps:
                 break
             index = orders[epoch][batch_index * batch_size : (batch_index + 1) * batch_size]
-            pixels = (images[index].to(device).float() / 255.0 - mean) / std
+            pixels = images[index].to(device).float() / 255.0
             if augment is not None:
-                pixels = _augment(pixels, augment, mask_generator)
+                pixels = _augment(pixels, augment, mask_generator, maskable_flags[index], mean, std)
+            else:
+                pixels = (pixels - mean) / std
             image_features, text_features, logit_scale = _features(model(pixels, tokens[index].to(device)))
             loss = loss_fn(image_features, text_features, logit_scale)
             optimizer.zero_grad(set_to_none=True)
@@ -442,15 +517,29 @@ def _features(out: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return out[0], out[1], out[2]
 
 
-def _augment(pixels: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
+def _augment(
+    pixels: torch.Tensor,
+    augment: Augment,
+    generator: torch.Generator,
+    maskable: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
+    """Flip and mask a batch of [0, 1] pixels (B, 3, S, S); returns it normalised with ``mean``/``std``."""
     batch, _, size, _ = pixels.shape
     if augment.flip_prob > 0:
         flip = (torch.rand(batch, generator=generator) < augment.flip_prob).to(pixels.device)
         pixels = torch.where(flip.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
+    masks = None
     if augment.mask_prob > 0:
-        chosen = (torch.rand(batch, generator=generator) < augment.mask_prob).to(pixels.device)
+        chosen = (torch.rand(batch, generator=generator) < augment.mask_prob) & maskable.cpu()
         masks = random_soft_masks(batch, size, augment.keep, generator, pixels.device)
-        pixels = torch.where(chosen.view(-1, 1, 1, 1), pixels * masks, pixels)
+        masks = torch.where(chosen.to(pixels.device).view(-1, 1, 1, 1), masks, torch.ones_like(masks))
+        if augment.space == "pixel":
+            pixels = pixels * masks
+    pixels = (pixels - mean) / std
+    if masks is not None and augment.space == "normalised":
+        pixels = pixels * masks
     return pixels
 
 

@@ -303,12 +303,18 @@ class AblationSettings:
     scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
     flip: bool = True
     rows: tuple[str, ...] = ("baseline", *ABLATION_ROWS)
+    # Class -> CBS background terms in place of the hand-written toy ones (e.g. a mined registry's).
+    class_backgrounds: dict[str, list[str]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def toy_registry(similarity: str = "clamp", cbs_reduction: str = "mean") -> Any:
+def toy_registry(
+    similarity: str = "clamp",
+    cbs_reduction: str = "mean",
+    class_backgrounds: dict[str, list[str]] | None = None,
+) -> Any:
     """The toy world's prompts (``toyworld.toy_prompts``) as a registry.
 
     CBS is averaged over the positive pairs like OTM and BTM (the library's default sums it, as the
@@ -318,9 +324,12 @@ def toy_registry(similarity: str = "clamp", cbs_reduction: str = "mean") -> Any:
 
     from .toyworld import toy_prompts
 
-    return cl.BackgroundPromptRegistry(**toy_prompts()).replace(
+    registry = cl.BackgroundPromptRegistry(**toy_prompts()).replace(
         similarity=similarity, cbs_reduction=cbs_reduction
     )
+    if class_backgrounds is not None:
+        registry = registry.replace(class_backgrounds=class_backgrounds)
+    return registry
 
 
 def build_toy_evaluator(
@@ -329,13 +338,14 @@ def build_toy_evaluator(
     weights: dict[str, float],
     similarity: str = "clamp",
     cbs_reduction: str = "mean",
+    class_backgrounds: dict[str, list[str]] | None = None,
 ) -> Any:
     import clims_loss as cl
 
     from . import clip_training  # registers the tiny CLIP config with open_clip
 
     clip_training.register_model_configs()
-    prompts = toy_registry(similarity, cbs_reduction)
+    prompts = toy_registry(similarity, cbs_reduction, class_backgrounds)
     return cl.CLIPTextDrivenEvaluator.from_pretrained(
         clip_name,
         pretrained=str(clip_checkpoint),
@@ -372,6 +382,7 @@ def run_ablation(
             row_weights(row, settings.weights),
             settings.similarity,
             settings.cbs_reduction,
+            settings.class_backgrounds,
         )
         for row in settings.rows
         if row != "baseline"

@@ -1170,6 +1170,47 @@ def render_background_only(background: str, count: int, *, image_size: int = 64,
     return np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
 
 
+def render_object_cutouts(
+    count: int, *, image_size: int = 64, seed: int = 0, context_rate: float = 0.9
+) -> tuple[np.ndarray, list[str]]:
+    """``count`` fresh scenes with everything but their objects blacked out, and object-only captions.
+
+    The stand-in for the isolated objects of a web-scale caption corpus (product shots, cut-outs,
+    objects on plain backgrounds): they teach a CLIP trained on this world what the object itself looks
+    like, on the black fill the evaluator's masked views show. They are rendered apart from every split
+    (their own seed stream) and never enter the segmentation data. Returns uint8 (count, H, W, 3) and
+    the captions.
+    """
+    images = np.zeros((count, image_size, image_size, 3), np.uint8)
+    captions = []
+    for index in range(count):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 98, index]))
+        scene = render_scene(rng, image_size, context_rate=context_rate)
+        images[index] = scene.image * (scene.mask > 0)[..., None]
+        phrase = _object_phrase(rng, [o.class_name for o in scene.objects])
+        captions.append(_OBJECT_TEMPLATES[int(rng.integers(len(_OBJECT_TEMPLATES)))].format(o=phrase))
+    return images, captions
+
+
+def render_background_captions(
+    count: int, *, image_size: int = 64, seed: int = 0
+) -> tuple[np.ndarray, list[str]]:
+    """``count`` fresh full-frame background images (balanced over backgrounds) with background captions.
+
+    More of the object-free pictures a web corpus is full of (a lake, a field, a road) than the world's
+    own ``background_only_train`` split; like the cut-outs, for CLIP training only.
+    """
+    images = np.zeros((count, image_size, image_size, 3), np.uint8)
+    captions = []
+    for index in range(count):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 97, index]))
+        background = TOY_BACKGROUNDS[index % len(TOY_BACKGROUNDS)]
+        images[index] = render_scene(rng, image_size, backgrounds_only=[background]).image
+        template = _BACKGROUND_TEMPLATES[int(rng.integers(len(_BACKGROUND_TEMPLATES)))]
+        captions.append(template.format(b=_background_phrase(rng, [background])))
+    return images, captions
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Measurement entry point: generate the world, train the tiny CLIP, report accuracy and bias."""
     import argparse
@@ -1227,10 +1268,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_samples = clip_training.toy_world_samples(args.root, ["train_aug", "background_only_train"])
+    train_samples, maskable = clip_training.toy_clip_corpus(args.root, seed=args.seed)
     started = time.perf_counter()
     clip_training.train_clip(
         train_samples,
+        maskable=maskable,
         model_name=clip_training.TINY_CLIP_NAME,
         epochs=args.epochs,
         lr=args.lr,

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from ..context import StageContext, register_stage
 from ..distributed import barrier
@@ -37,25 +38,35 @@ def clip_checkpoint_path(ctx: StageContext) -> Path:
     return ctx.workdir / "train_clip" / f"{config.model}-{digest}.pt"
 
 
-def caption_samples(ctx: StageContext) -> list[tuple[Path, str]]:
-    from ..clip_training import label_caption_samples, toy_world_samples
+def caption_samples(ctx: StageContext) -> tuple[list[tuple[Any, str]], list[bool] | None]:
+    """The (image, caption) pairs of ``train_clip`` and which ones may be masked (None: all)."""
+    from ..clip_training import label_caption_samples, toy_clip_corpus, toy_corpus_settings
 
     config = ctx.config.train_clip
     root = Path(ctx.source.root)  # type: ignore[attr-defined]
     if config.captions == "toy":
-        return toy_world_samples(root, list(config.caption_splits))
+        corpus = toy_corpus_settings(config.toy_corpus)
+        samples, maskable = toy_clip_corpus(
+            root,
+            list(config.caption_splits),
+            object_cutouts=corpus["object_cutouts"],
+            extra_backgrounds=corpus["extra_backgrounds"],
+            mask_scenes=corpus["mask_scenes"],
+        )
+        return samples, maskable
     if config.captions == "labels":
-        return [
+        pairs: list[tuple[Any, str]] = [
             sample
             for split in config.caption_splits
             for sample in label_caption_samples(root, split, ctx.source.class_names)
         ]
+        return pairs, None
     raise ValueError(f"expected train_clip.captions 'toy' or 'labels', got {config.captions!r}")
 
 
 def train_clip_checkpoint(ctx: StageContext) -> Path:
     """Train (or reuse) the CLIP of ``ctx.config.train_clip``; return its checkpoint."""
-    from ..clip_training import train_clip
+    from ..clip_training import Augment, toy_corpus_settings, train_clip
 
     config = ctx.config.train_clip
     out_path = clip_checkpoint_path(ctx)
@@ -63,7 +74,7 @@ def train_clip_checkpoint(ctx: StageContext) -> Path:
         ctx.print(f"[train_clip] reusing {out_path}")
         return out_path
     if ctx.dist.is_main:  # a few minutes of a small model: one process trains, the others wait
-        samples = caption_samples(ctx)
+        samples, maskable = caption_samples(ctx)
         ctx.print(f"[train_clip] {config.model} on {len(samples)} captions ({config.captions}) -> {out_path}")
         result = train_clip(
             samples,
@@ -78,6 +89,10 @@ def train_clip_checkpoint(ctx: StageContext) -> Path:
             device=ctx.device,
             max_steps=config.max_steps,
             quick_gelu=config.pretrained == "openai",
+            maskable=maskable,
+            augment=Augment(space=toy_corpus_settings(config.toy_corpus)["mask_space"])
+            if config.captions == "toy"
+            else Augment(),
         )
         ctx.logger("train_clip").log("done", path=str(out_path), history=result.history)
     barrier()

@@ -53,6 +53,15 @@ def test_results_have_cam_rw_and_seg(mini_run: tuple[Path, Path]) -> None:
     markdown = (workdir / "results.md").read_text()
     for expected in ("56.6", "70.5", "69.3", "+RW", "DeepLabV2 val", f"{rw['miou']:.2f}"):
         assert expected in markdown
+    assert "preset `smoke`" in markdown and "plumbing check" in markdown  # the caveat of this preset
+
+
+def test_report_caveat_names_each_preset() -> None:
+    from clims_pipeline.presets import PRESETS
+    from clims_pipeline.stages.report import PRESET_CAVEATS
+
+    assert set(PRESET_CAVEATS) == set(PRESETS)
+    assert "toy world" in PRESET_CAVEATS["toy"] and "smoke" not in PRESET_CAVEATS["toy"]
 
 
 def test_pseudo_masks_are_palette_pngs_at_image_size(mini_run: tuple[Path, Path]) -> None:

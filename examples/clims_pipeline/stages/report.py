@@ -73,6 +73,16 @@ def render_results_markdown(results: dict[str, Any], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: What the numbers of each preset can be compared with.
+PRESET_CAVEATS: dict[str, str] = {
+    "smoke": "The `smoke` preset uses tiny networks: a plumbing check, not a reproduction; only the `full` "
+    "preset is comparable with the paper.",
+    "toy": "The `toy` preset runs small networks on the procedural toy world (docs/toyworld.md): its numbers "
+    "are not comparable with the paper's VOC figures beside them.",
+    "full": "The `full` preset is the paper's configuration: comparable with the paper's figures.",
+}
+
+
 @register_stage("report", order=90, help="results.md: every stage's mIoU beside the paper's, with settings")
 def run(ctx: StageContext) -> None:
     if not ctx.dist.is_main:
@@ -81,8 +91,8 @@ def run(ctx: StageContext) -> None:
     config = ctx.config
     header = (
         f"Dataset {config.dataset}, preset `{config.preset}`, variant `{config.variant}`, training split "
-        f"`{config.data.train_split}`, {ctx.dist.world_size} process(es) on {ctx.device}. The `smoke` preset "
-        "uses tiny networks: a plumbing check, not a reproduction; only the `full` preset is comparable."
+        f"`{config.data.train_split}`, {ctx.dist.world_size} process(es) on {ctx.device}. "
+        + PRESET_CAVEATS.get(config.preset, "")
     )
     text = render_results_markdown(results, header)
     path = ctx.workdir / "results.md"

@@ -89,3 +89,25 @@ def test_rows_and_backgrounds_options(tmp_path: Path) -> None:
     )
     with pytest.raises(SystemExit, match="no background terms"):
         bench.settings_from_toy_preset(argparse.Namespace(**{**vars(args), "backgrounds": partial}))
+
+
+def test_loss_landscape_script_on_a_tiny_world(tmp_path: Path) -> None:
+    """benchmarks/toyworld_loss_landscape.py reports every map family; REG grows with the maps' area."""
+    spec = importlib.util.spec_from_file_location(
+        "toyworld_loss_landscape", BENCH_PATH.with_name("toyworld_loss_landscape.py")
+    )
+    assert spec is not None and spec.loader is not None
+    landscape = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(landscape)
+    import open_clip
+    import torch
+    from clims_pipeline import clip_training, toyworld
+
+    world = tmp_path / "world"
+    toyworld.generate_toy_world(world, n_train=8, n_val=6, n_background_only=0, progress=False)
+    checkpoint = tmp_path / "clip.pt"
+    torch.save(open_clip.create_model(clip_training.TINY_CLIP_NAME).state_dict(), checkpoint)
+    out = tmp_path / "landscape.json"
+    report = landscape.main(["--world", str(world), "--clip", str(checkpoint), "--json", str(out)])
+    assert set(landscape.MAP_FAMILIES) <= set(report) and json.loads(out.read_text())["ones"]["reg"] == 1.0
+    assert report["ground_truth"]["reg"] < report["dil3"]["reg"] < report["dil8"]["reg"] < 1.0

@@ -132,6 +132,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--clip-backgrounds", type=int, help="override its extra object-free pictures (tests)"
     )
+    parser.add_argument(
+        "--clip-logit-scale",
+        type=float,
+        help="hold the tiny CLIP's temperature at this value (e.g. 100, CLIP's) instead of learning it",
+    )
     parser.add_argument("--cam-steps", type=int, help="cap on baseline CAM training steps (tests)")
     parser.add_argument("--clims-steps", type=int, help="CLIMS steps per row (default: the toy preset's)")
     parser.add_argument("--train-images", type=int, help="use only the first N training images (tests)")
@@ -162,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.clip_backgrounds is not None:
         corpus["extra_backgrounds"] = args.clip_backgrounds
     corpus_tag = "-".join(str(corpus[k]) for k in sorted(corpus))
+    if args.clip_logit_scale is not None:
+        corpus_tag += f"-scale{args.clip_logit_scale:g}"
     clip_path = args.workdir / f"clip-{args.n_train}-{args.clip_epochs}-{args.clip_steps}-{corpus_tag}.pt"
     if not clip_path.exists():
         samples, maskable = toy_clip_corpus(
@@ -174,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             samples,
             maskable=maskable,
             augment=Augment(space=corpus["mask_space"]),
+            fixed_logit_scale=args.clip_logit_scale,
             model_name=TINY_CLIP_NAME,
             epochs=args.clip_epochs,
             lr=TOY_FROM_SCRATCH["lr"],
@@ -190,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = experiment.summarise(results["per_seed"])
     summary["seeds"] = seeds
     summary["settings"] = settings.to_dict()
+    summary["clip"] = {"corpus": args.clip_corpus, **corpus, "fixed_logit_scale": args.clip_logit_scale}
     summary["class_background"] = dict(CLASS_BACKGROUND)
     summary["wall_seconds"] = {
         "world": round(world_seconds, 1),

@@ -280,3 +280,22 @@ def test_pixel_space_masking_fills_black_and_leaves_unmaskable_images_alone() ->
     ratio = recovered / pixels[:2]
     assert ratio.min() >= -1e-5 and ratio.max() <= 1 + 1e-5
     assert (ratio.amax(dim=1) < 0.01).float().mean() > 0.4  # about 70 % masked out, to black
+
+
+def test_fixed_logit_scale_stays_fixed(world: Path, tmp_path: Path) -> None:
+    samples = clip_training.toy_world_samples(world)
+    result = clip_training.train_clip(
+        samples,
+        epochs=1,
+        max_steps=2,
+        batch_size=8,
+        out_path=tmp_path / "t.pt",
+        progress=False,
+        fixed_logit_scale=100.0,
+    )
+    assert result.model.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-6)
+    assert result.history["meta"]["fixed_logit_scale"] == 100.0
+    with pytest.raises(ValueError, match="fixed_logit_scale"):
+        clip_training.train_clip(
+            samples, out_path=tmp_path / "u.pt", progress=False, fixed_logit_scale=1000.0
+        )

@@ -358,6 +358,7 @@ def train_clip(
     progress: bool = True,
     quick_gelu: bool = False,
     maskable: Sequence[bool] | None = None,
+    fixed_logit_scale: float | None = None,
 ) -> ClipTrainingResult:
     """Train (``pretrained=None``) or fine-tune an open_clip model contrastively on (image, caption) pairs.
 
@@ -373,6 +374,11 @@ def train_clip(
     a caption names, which teaches CLIP that the object's surroundings are the object; samples whose
     caption stays true under any mask (background-only images, objects cut out on black) are the safe
     ones to mask.
+
+    ``fixed_logit_scale`` holds CLIP's temperature at that value (e.g. 100, where OpenAI's CLIP ends)
+    instead of learning it. With the learned scale the tiny CLIP stopped near 15 and spread its cosine
+    similarities over -0.2..0.8; at 100 they sit in a narrow band like ViT-B/32's (about 0.2-0.3), the
+    scale the CLIMS loss weights were chosen for.
     """
     if not samples:
         raise ValueError("expected at least one (image, caption) sample, got none")
@@ -391,6 +397,11 @@ def train_clip(
     torch.manual_seed(seed)
     random.seed(seed)
     model, tokenizer = create_model(model_name, pretrained, device, quick_gelu=quick_gelu)
+    if fixed_logit_scale is not None:
+        if not 1.0 <= fixed_logit_scale <= 100.0:
+            raise ValueError(f"expected fixed_logit_scale in [1, 100], got {fixed_logit_scale}")
+        model.logit_scale.data.fill_(math.log(fixed_logit_scale))
+        model.logit_scale.requires_grad_(False)
     size = _image_size(model)
     mean, std = _normaliser(model, device)
     images = _load_images([s[0] for s in samples], size, progress)
@@ -428,6 +439,7 @@ def train_clip(
         "augment": asdict(augment) if augment else None,
         "total_steps": total_steps,
         "quick_gelu": quick_gelu,
+        "fixed_logit_scale": fixed_logit_scale,
         "maskable": int(maskable_flags.sum()),
     }
     history: dict[str, Any] = {"meta": meta, "epochs": []}

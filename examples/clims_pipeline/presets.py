@@ -113,6 +113,7 @@ class ClipTrainConfig:
     # Toy captions only: "captions" (the world's captions) or "web" (+ cut-out objects and object-free
     # pictures, pixel-space masks on those only); see clip_training.TOY_CLIP_CORPORA.
     toy_corpus: str = "captions"
+    fixed_logit_scale: float | None = None  # e.g. 100: CLIP's final temperature, not learned
 
 
 @dataclass

@@ -90,6 +90,7 @@ def train_clip_checkpoint(ctx: StageContext) -> Path:
             max_steps=config.max_steps,
             quick_gelu=config.pretrained == "openai",
             maskable=maskable,
+            fixed_logit_scale=config.fixed_logit_scale,
             augment=Augment(space=toy_corpus_settings(config.toy_corpus)["mask_space"])
             if config.captions == "toy"
             else Augment(),

@@ -39,7 +39,7 @@ from .metrics import ThresholdSweep, iou_from_confusion, mean_iou
 from .networks import CAMNet, build_network
 from .presets import TrainConfig
 from .stages.make_cam import multiscale_cams, normalise_by_max
-from .training import learning_rate_factor
+from .training import learning_rate_factor, plan_steps, sgd_with_head_group
 
 #: The rows of the paper's Table 3 that this ablation reproduces, in the paper's order: name -> which of
 #: the weights (otm, btm, cbs, reg) stay on. "baseline" is the CAM network without CLIP.
@@ -150,20 +150,8 @@ def train_in_memory(
 ) -> dict[str, float]:
     """SGD over ``data`` as the pipeline's ``train_network`` does it (10x head, per-step poly/cosine lr),
     from tensors; returns the last logged averages."""
-    steps_per_epoch = len(data.ids) // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(data.ids)} training images are fewer than one batch of {config.batch_size}")
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    backbone, head = model.parameter_groups()
-    base_lrs = [config.lr, config.lr * config.head_lr_mult]
-    optimizer = torch.optim.SGD(
-        [{"params": backbone, "lr": base_lrs[0]}, {"params": head, "lr": base_lrs[1]}],
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
+    steps_per_epoch, total_steps = plan_steps(len(data.ids), config)
+    optimizer, base_lrs = sgd_with_head_group(model, config)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     step, running, last = 0, {}, {}

@@ -48,6 +48,33 @@ def learning_rate_factor(config: TrainConfig, step: int, total_steps: int) -> fl
     raise ValueError(f"expected schedule 'poly' or 'cosine', got {config.schedule!r}")
 
 
+def plan_steps(num_images: int, config: TrainConfig, what: str = "") -> tuple[int, int]:
+    """(steps per epoch, total steps) of ``config`` over ``num_images`` (ragged last batch dropped)."""
+    steps_per_epoch = num_images // config.batch_size
+    if steps_per_epoch == 0:
+        prefix = f"{what}: " if what else ""
+        raise ValueError(
+            f"{prefix}{num_images} training images are fewer than one batch of {config.batch_size}"
+        )
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    return steps_per_epoch, total_steps
+
+
+def sgd_with_head_group(model: CAMNet, config: TrainConfig) -> tuple[torch.optim.SGD, list[float]]:
+    """SGD over the backbone and the head (``head_lr_mult`` x lr) groups; returns it and the base lrs."""
+    backbone, head = model.parameter_groups()
+    base_lrs = [config.lr, config.lr * config.head_lr_mult]
+    optimizer = torch.optim.SGD(
+        [{"params": backbone, "lr": base_lrs[0]}, {"params": head, "lr": base_lrs[1]}],
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    return optimizer, base_lrs
+
+
 def autocast_context(device: torch.device, enabled: bool) -> torch.autocast:
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
@@ -92,14 +119,7 @@ def train_network(
             f"{stage}: batch size {config.batch_size} (global) must divide evenly over {world} processes"
         )
     per_rank_batch = config.batch_size // world
-    steps_per_epoch = len(dataset) // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{stage}: {len(dataset)} training images are fewer than one batch of {config.batch_size}"
-        )
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
+    _, total_steps = plan_steps(len(dataset), config, stage)
 
     # DistributedSampler with drop_last + a per-rank DataLoader with drop_last: rank r's k-th batch is
     # perm[k*B + r :: world][:B/world], so the ranks of one step together see exactly the global batch k.
@@ -119,14 +139,7 @@ def train_network(
     )
 
     model.to(ctx.device)
-    backbone_params, head_params = model.parameter_groups()
-    base_lrs = [config.lr, config.lr * config.head_lr_mult]
-    optimizer = torch.optim.SGD(
-        [{"params": backbone_params, "lr": base_lrs[0]}, {"params": head_params, "lr": base_lrs[1]}],
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
+    optimizer, base_lrs = sgd_with_head_group(model, config)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp and ctx.device.type == "cuda")
 
     # The number of processes is not part of the fingerprint: the global batches, and so the optimisation, do

@@ -38,9 +38,10 @@ def clip_checkpoint_path(ctx: StageContext) -> Path:
     return ctx.workdir / "train_clip" / f"{config.model}-{digest}.pt"
 
 
-def caption_samples(ctx: StageContext) -> tuple[list[tuple[Any, str]], list[bool] | None]:
-    """The (image, caption) pairs of ``train_clip`` and which ones may be masked (None: all)."""
-    from ..clip_training import label_caption_samples, toy_clip_corpus, toy_corpus_settings
+def caption_samples(ctx: StageContext) -> tuple[list[tuple[Any, str]], list[bool] | None, Any]:
+    """The (image, caption) pairs of ``train_clip``, which ones may be masked (None: all) and the
+    augmentation (an ``Augment``)."""
+    from ..clip_training import Augment, label_caption_samples, toy_clip_corpus, toy_corpus_settings
 
     config = ctx.config.train_clip
     root = Path(ctx.source.root)  # type: ignore[attr-defined]
@@ -53,20 +54,20 @@ def caption_samples(ctx: StageContext) -> tuple[list[tuple[Any, str]], list[bool
             extra_backgrounds=corpus["extra_backgrounds"],
             mask_scenes=corpus["mask_scenes"],
         )
-        return samples, maskable
+        return samples, maskable, Augment(space=corpus["mask_space"])
     if config.captions == "labels":
         pairs: list[tuple[Any, str]] = [
             sample
             for split in config.caption_splits
             for sample in label_caption_samples(root, split, ctx.source.class_names)
         ]
-        return pairs, None
+        return pairs, None, Augment()
     raise ValueError(f"expected train_clip.captions 'toy' or 'labels', got {config.captions!r}")
 
 
 def train_clip_checkpoint(ctx: StageContext) -> Path:
     """Train (or reuse) the CLIP of ``ctx.config.train_clip``; return its checkpoint."""
-    from ..clip_training import Augment, toy_corpus_settings, train_clip
+    from ..clip_training import train_clip
 
     config = ctx.config.train_clip
     out_path = clip_checkpoint_path(ctx)
@@ -74,7 +75,7 @@ def train_clip_checkpoint(ctx: StageContext) -> Path:
         ctx.print(f"[train_clip] reusing {out_path}")
         return out_path
     if ctx.dist.is_main:  # a few minutes of a small model: one process trains, the others wait
-        samples, maskable = caption_samples(ctx)
+        samples, maskable, augment = caption_samples(ctx)
         ctx.print(f"[train_clip] {config.model} on {len(samples)} captions ({config.captions}) -> {out_path}")
         result = train_clip(
             samples,
@@ -91,9 +92,7 @@ def train_clip_checkpoint(ctx: StageContext) -> Path:
             quick_gelu=config.pretrained == "openai",
             maskable=maskable,
             fixed_logit_scale=config.fixed_logit_scale,
-            augment=Augment(space=toy_corpus_settings(config.toy_corpus)["mask_space"])
-            if config.captions == "toy"
-            else Augment(),
+            augment=augment,
         )
         ctx.logger("train_clip").log("done", path=str(out_path), history=result.history)
     barrier()

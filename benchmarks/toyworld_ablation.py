@@ -171,15 +171,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         corpus_tag += f"-scale{args.clip_logit_scale:g}"
     clip_path = args.workdir / f"clip-{args.n_train}-{args.clip_epochs}-{args.clip_steps}-{corpus_tag}.pt"
     if not clip_path.exists():
-        samples, maskable = toy_clip_corpus(
+        samples, maskable, darken = toy_clip_corpus(
             world,
             object_cutouts=corpus["object_cutouts"],
             extra_backgrounds=corpus["extra_backgrounds"],
             mask_scenes=corpus["mask_scenes"],
+            mask_backgrounds=corpus["mask_backgrounds"],
+            dark_copies=corpus["dark_copies"],
         )
         train_clip(
             samples,
             maskable=maskable,
+            darken=darken,
             augment=Augment(space=corpus["mask_space"]),
             fixed_logit_scale=args.clip_logit_scale,
             model_name=TINY_CLIP_NAME,

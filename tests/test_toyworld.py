@@ -239,11 +239,13 @@ def test_train_clip_resumes_instead_of_repeating(world: Path, tmp_path: Path) ->
 
 
 def test_toy_clip_corpus_adds_cutouts_and_backgrounds_and_masks_only_safe_samples(world: Path) -> None:
-    default_samples, default_maskable = clip_training.toy_clip_corpus(world)  # the "captions" corpus
-    assert all(default_maskable) and default_samples == clip_training.toy_world_samples(world)
-    samples, maskable = clip_training.toy_clip_corpus(
+    default_samples, default_maskable, default_darken = clip_training.toy_clip_corpus(world)  # "captions"
+    assert all(default_maskable) and not any(default_darken)
+    assert default_samples == clip_training.toy_world_samples(world)
+    samples, maskable, darken = clip_training.toy_clip_corpus(
         world, object_cutouts=6, extra_backgrounds=7, mask_scenes=False
     )
+    assert not any(darken)
     scenes = len(toyworld.read_captions(world, ["train_aug"]))
     backgrounds = len(toyworld.read_captions(world, ["background_only_train"]))
     assert len(samples) == len(maskable) == scenes + backgrounds + 6 + 7
@@ -263,6 +265,48 @@ def test_toy_clip_corpus_adds_cutouts_and_backgrounds_and_masks_only_safe_sample
         clip_training.toy_corpus_settings("webb")
     with pytest.raises(ValueError, match="one maskable flag per sample"):
         clip_training.train_clip(samples, maskable=maskable[:-1], out_path=world / "x.pt", progress=False)
+
+
+def test_web_dark_corpus_masks_only_cutouts_and_adds_dark_scene_copies(world: Path) -> None:
+    settings = clip_training.toy_corpus_settings("web_dark")
+    samples, maskable, darken = clip_training.toy_clip_corpus(
+        world,
+        object_cutouts=5,
+        extra_backgrounds=4,
+        mask_scenes=settings["mask_scenes"],
+        mask_backgrounds=settings["mask_backgrounds"],
+        dark_copies=9,
+    )
+    scene_records = toyworld.read_captions(world, ["train_aug"])
+    scenes = len(scene_records)
+    backgrounds = len(toyworld.read_captions(world, ["background_only_train"]))
+    assert len(samples) == len(maskable) == len(darken) == scenes + backgrounds + 5 + 4 + 9
+    cutouts = slice(scenes + backgrounds, scenes + backgrounds + 5)
+    assert [i for i, m in enumerate(maskable) if m] == list(range(cutouts.start, cutouts.stop))
+    assert [i for i, d in enumerate(darken) if d] == list(range(len(samples) - 9, len(samples)))
+    scene_images = {str(path) for path, _ in samples[:scenes]}
+    for image, caption in samples[-9:]:  # copies of the world's scenes, captioned as dark pictures
+        assert str(image) in scene_images and caption in clip_training.DARK_CAPTIONS
+    with pytest.raises(ValueError, match="one darken flag per sample"):
+        clip_training.train_clip(samples, darken=darken[:-1], out_path=world / "x.pt", progress=False)
+
+
+def test_darkening_scales_only_the_flagged_images_within_the_range() -> None:
+    pixels = torch.rand(64, 3, 8, 8) * 0.5 + 0.5
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    augment = clip_training.Augment(mask_prob=0.0, flip_prob=0.0, dark_range=(1e-3, 0.1))
+    darken = torch.arange(64) % 2 == 0
+    unmaskable = torch.zeros(64, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(0)
+    out = clip_training._augment(pixels, augment, generator, unmaskable, mean, std, darken)
+    torch.testing.assert_close(out[~darken], pixels[~darken])
+    factor = (out[darken] / pixels[darken]).flatten(1)
+    torch.testing.assert_close(factor.amin(dim=1), factor.amax(dim=1))  # one factor per image
+    assert factor.min() >= 1e-3 * (1 - 1e-5) and factor.max() <= 0.1 * (1 + 1e-5)
+    assert factor.max() / factor.min() > 5  # drawn, not constant
+    with pytest.raises(ValueError, match="dark_range"):
+        bad = clip_training.Augment(dark_range=(0.0, 0.1))
+        clip_training._augment(pixels, bad, torch.Generator(), darken, mean, std, darken)
 
 
 def test_pixel_space_masking_fills_black_and_leaves_unmaskable_images_alone() -> None:

@@ -36,7 +36,8 @@ def test_ablation_code_path_on_a_tiny_world(tmp_path: Path) -> None:
         [
             "--workdir", str(tmp_path / "work"), "--json", str(out), "--seeds", "0",
             "--n-train", "64", "--n-val", "16", "--clip-steps", "2", "--cam-steps", "3", "--clims-steps", "2",
-            "--clip-corpus", "web", "--clip-cutouts", "16", "--clip-backgrounds", "12", "--grid-rows", "2",
+            "--clip-corpus", "web_dark", "--clip-cutouts", "16", "--clip-backgrounds", "12",
+            "--grid-rows", "2",
         ]
     )  # fmt: skip
     summary = json.loads(out.read_text())

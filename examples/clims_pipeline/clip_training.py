@@ -40,7 +40,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import open_clip
@@ -79,12 +79,17 @@ class Augment:
     images would judge the masking, not the content. The mask keeps ``keep`` (uniform in the range) of
     the image in smooth random blobs.
     ``flip_prob``: horizontal flips (captions do not say left or right).
+    ``dark_range``: the brightness factors (log-uniform) of the samples ``train_clip`` is told to darken
+    (its ``darken``): copies of scenes captioned as dark pictures. Without them a tiny CLIP reads a
+    scene dimmed a thousandfold as well as the scene, and the CLIMS maps collapse to ``P ~ 0``: the
+    foreground view ``X * P`` of a near-zero map still matches the class (docs/toyworld.md).
     """
 
     mask_prob: float = 0.5
     keep: tuple[float, float] = (0.4, 0.9)
     flip_prob: float = 0.5
     space: str = "normalised"
+    dark_range: tuple[float, float] = (1e-4, 0.15)
 
 
 NO_AUGMENT = Augment(mask_prob=0.0, flip_prob=0.0)
@@ -129,16 +134,54 @@ def toy_world_samples(
 #: The toy CLIP's training corpora. "captions": the world's captioned scenes and background-only
 #: images, any of them masked in normalised space (the recipe of the measured toy ablation). "web": the
 #: same plus objects cut out on black and more object-free pictures, masks in pixel space (black, as the
-#: evaluator's default masking) on those only; see ``toy_clip_corpus`` and docs/toyworld.md.
+#: evaluator's default masking) on those only. "web_dark": "web" with the cut-outs the only masked
+#: samples (a masked background picture teaches that black means a background) and 1,000 scene copies,
+#: darkened by 1e-4..0.15 and captioned as dark pictures (an almost black view shows nothing). See
+#: ``toy_clip_corpus`` and docs/toyworld.md.
 TOY_CLIP_CORPORA: dict[str, dict[str, Any]] = {
     "captions": {
         "object_cutouts": 0,
         "extra_backgrounds": 0,
         "mask_scenes": True,
+        "mask_backgrounds": True,
+        "dark_copies": 0,
         "mask_space": "normalised",
     },
-    "web": {"object_cutouts": 1500, "extra_backgrounds": 1000, "mask_scenes": False, "mask_space": "pixel"},
+    "web": {
+        "object_cutouts": 1500,
+        "extra_backgrounds": 1000,
+        "mask_scenes": False,
+        "mask_backgrounds": True,
+        "dark_copies": 0,
+        "mask_space": "pixel",
+    },
+    "web_dark": {
+        "object_cutouts": 1500,
+        "extra_backgrounds": 1000,
+        "mask_scenes": False,
+        "mask_backgrounds": False,
+        "dark_copies": 1000,
+        "mask_space": "pixel",
+    },
 }
+
+#: Captions of the darkened scene copies ("web_dark").
+DARK_CAPTIONS = (
+    "a black image.",
+    "a dark picture.",
+    "black.",
+    "an empty black photo.",
+    "a photo of nothing.",
+)
+
+
+class ToyClipCorpus(NamedTuple):
+    """The toy CLIP's training pairs, which of them the masking augmentation may touch, and which are
+    dark copies (``train_clip``'s ``maskable`` and ``darken``)."""
+
+    samples: list[tuple[ImageSource, str]]
+    maskable: list[bool]
+    darken: list[bool]
 
 
 def toy_corpus_settings(name: str) -> dict[str, Any]:
@@ -155,15 +198,19 @@ def toy_clip_corpus(
     object_cutouts: int = 0,
     extra_backgrounds: int = 0,
     mask_scenes: bool = True,
+    mask_backgrounds: bool = True,
+    dark_copies: int = 0,
     seed: int = 0,
-) -> tuple[list[tuple[ImageSource, str]], list[bool]]:
-    """The toy CLIP's training pairs and which of them the masking augmentation may touch.
+) -> ToyClipCorpus:
+    """The toy CLIP's training pairs, which of them the masking augmentation may touch, which are dark.
 
     The world's captioned scenes and background-only images, plus ``object_cutouts`` objects cut out on
     black and ``extra_backgrounds`` object-free pictures, rendered fresh (``toyworld.render_object_cutouts``,
     ``render_background_captions``), as a web-scale corpus has both. Scenes are masked only with
     ``mask_scenes``: a mask that hides the object while the caption names it teaches CLIP that the
-    surroundings are the object.
+    surroundings are the object. Background pictures are masked only with ``mask_backgrounds``: black
+    fill under a background caption makes black read as a background. ``dark_copies`` scenes (drawn
+    with ``seed``) are added again with a dark-picture caption, to be darkened by ``train_clip``.
     """
     from . import toyworld  # local import: the rest of this module also serves real data
 
@@ -173,14 +220,24 @@ def toy_clip_corpus(
     samples: list[tuple[ImageSource, str]] = [
         (toyworld.image_path(root, r["id"]), r["caption"]) for r in records
     ]
-    maskable = [mask_scenes or r["split"].startswith("background_only") for r in records]
-    for images, captions in (
-        toyworld.render_object_cutouts(object_cutouts, seed=seed),
-        toyworld.render_background_captions(extra_backgrounds, seed=seed),
-    ):
+    maskable = [
+        mask_scenes if not r["split"].startswith("background_only") else mask_backgrounds for r in records
+    ]
+    cutouts = toyworld.render_object_cutouts(object_cutouts, seed=seed)
+    backgrounds = toyworld.render_background_captions(extra_backgrounds, seed=seed)
+    for (images, captions), may_mask in ((cutouts, True), (backgrounds, mask_backgrounds)):
         samples += list(zip(list(images), captions, strict=True))
-        maskable += [True] * len(captions)
-    return samples, maskable
+        maskable += [may_mask] * len(captions)
+    darken = [False] * len(samples)
+    scenes = [samples[i][0] for i, r in enumerate(records) if not r["split"].startswith("background_only")]
+    if dark_copies and not scenes:
+        raise ValueError(f"dark_copies={dark_copies} needs scenes, but {root} has no captioned scenes")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 96]))
+    for index in range(dark_copies):
+        samples.append((scenes[int(rng.integers(len(scenes)))], DARK_CAPTIONS[index % len(DARK_CAPTIONS)]))
+        maskable.append(False)
+        darken.append(True)
+    return ToyClipCorpus(samples, maskable, darken)
 
 
 def label_caption(class_names: Sequence[str], template: str = "a photo of {}.") -> str:
@@ -359,6 +416,7 @@ def train_clip(
     quick_gelu: bool = False,
     maskable: Sequence[bool] | None = None,
     fixed_logit_scale: float | None = None,
+    darken: Sequence[bool] | None = None,
 ) -> ClipTrainingResult:
     """Train (``pretrained=None``) or fine-tune an open_clip model contrastively on (image, caption) pairs.
 
@@ -374,6 +432,9 @@ def train_clip(
     a caption names, which teaches CLIP that the object's surroundings are the object; samples whose
     caption stays true under any mask (background-only images, objects cut out on black) are the safe
     ones to mask.
+
+    ``darken`` says which samples to darken each time they are drawn, by a factor from
+    ``augment.dark_range`` (default: none); see ``Augment``.
 
     ``fixed_logit_scale`` holds CLIP's temperature at that value (e.g. 100, where OpenAI's CLIP ends)
     instead of learning it. With the learned scale the tiny CLIP stopped near 15 and spread its cosine
@@ -393,6 +454,13 @@ def train_clip(
     maskable_flags = torch.ones(len(samples), dtype=torch.bool)
     if maskable is not None:
         maskable_flags = torch.tensor(list(maskable), dtype=torch.bool)
+    if darken is not None and len(darken) != len(samples):
+        raise ValueError(f"expected one darken flag per sample ({len(samples)}), got {len(darken)}")
+    darken_flags = torch.zeros(len(samples), dtype=torch.bool)
+    if darken is not None:
+        darken_flags = torch.tensor(list(darken), dtype=torch.bool)
+    if bool(darken_flags.any()) and augment is None:
+        raise ValueError("darken needs an augmentation (augment=None turns darkening off)")
     device = _default_device(device)
     torch.manual_seed(seed)
     random.seed(seed)
@@ -441,6 +509,7 @@ def train_clip(
         "quick_gelu": quick_gelu,
         "fixed_logit_scale": fixed_logit_scale,
         "maskable": int(maskable_flags.sum()),
+        "darkened": int(darken_flags.sum()),
     }
     history: dict[str, Any] = {"meta": meta, "epochs": []}
     resume_path = Path(str(out_path) + ".resume")
@@ -472,7 +541,9 @@ def train_clip(
             index = orders[epoch][batch_index * batch_size : (batch_index + 1) * batch_size]
             pixels = images[index].to(device).float() / 255.0
             if augment is not None:
-                pixels = _augment(pixels, augment, mask_generator, maskable_flags[index], mean, std)
+                pixels = _augment(
+                    pixels, augment, mask_generator, maskable_flags[index], mean, std, darken_flags[index]
+                )
             else:
                 pixels = (pixels - mean) / std
             image_features, text_features, logit_scale = _features(model(pixels, tokens[index].to(device)))
@@ -536,9 +607,21 @@ def _augment(
     maskable: torch.Tensor,
     mean: torch.Tensor,
     std: torch.Tensor,
+    darken: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Flip and mask a batch of [0, 1] pixels (B, 3, S, S); returns it normalised with ``mean``/``std``."""
+    """Flip, darken and mask a batch of [0, 1] pixels (B, 3, S, S); returns it normalised with
+    ``mean``/``std``. ``darken`` (B,) bool: which images to multiply by a log-uniform factor from
+    ``augment.dark_range``."""
     batch, _, size, _ = pixels.shape
+    if darken is not None and bool(darken.any()):
+        low, high = augment.dark_range
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(
+                f"expected augment.dark_range with 0 < low <= high <= 1, got {augment.dark_range}"
+            )
+        factor = torch.empty(batch).uniform_(math.log(low), math.log(high), generator=generator).exp()
+        factor = torch.where(darken.cpu(), factor, torch.ones_like(factor)).to(pixels.device)
+        pixels = pixels * factor.view(-1, 1, 1, 1)
     if augment.flip_prob > 0:
         flip = (torch.rand(batch, generator=generator) < augment.flip_prob).to(pixels.device)
         pixels = torch.where(flip.view(-1, 1, 1, 1), pixels.flip(-1), pixels)

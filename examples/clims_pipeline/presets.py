@@ -110,8 +110,9 @@ class ClipTrainConfig:
     weight_decay: float = 0.003
     batch_size: int = 128
     max_steps: int | None = None
-    # Toy captions only: "captions" (the world's captions) or "web" (+ cut-out objects and object-free
-    # pictures, pixel-space masks on those only); see clip_training.TOY_CLIP_CORPORA.
+    # Toy captions only: "captions" (the world's captions), "web" (+ cut-out objects and object-free
+    # pictures, pixel-space masks on those only) or "web_dark" (+ darkened scene copies captioned as dark,
+    # masks on the cut-outs only); see clip_training.TOY_CLIP_CORPORA.
     toy_corpus: str = "captions"
     fixed_logit_scale: float | None = None  # e.g. 100: CLIP's final temperature, not learned
 

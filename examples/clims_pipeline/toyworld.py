@@ -1268,7 +1268,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_samples, maskable = clip_training.toy_clip_corpus(args.root, seed=args.seed)
+    train_samples, maskable, _ = clip_training.toy_clip_corpus(args.root, seed=args.seed)
     started = time.perf_counter()
     clip_training.train_clip(
         train_samples,

@@ -38,30 +38,34 @@ def clip_checkpoint_path(ctx: StageContext) -> Path:
     return ctx.workdir / "train_clip" / f"{config.model}-{digest}.pt"
 
 
-def caption_samples(ctx: StageContext) -> tuple[list[tuple[Any, str]], list[bool] | None, Any]:
-    """The (image, caption) pairs of ``train_clip``, which ones may be masked (None: all) and the
-    augmentation (an ``Augment``)."""
+def caption_samples(
+    ctx: StageContext,
+) -> tuple[list[tuple[Any, str]], list[bool] | None, list[bool] | None, Any]:
+    """The (image, caption) pairs of ``train_clip``, which ones may be masked (None: all), which are
+    darkened (None: none) and the augmentation (an ``Augment``)."""
     from ..clip_training import Augment, label_caption_samples, toy_clip_corpus, toy_corpus_settings
 
     config = ctx.config.train_clip
     root = Path(ctx.source.root)  # type: ignore[attr-defined]
     if config.captions == "toy":
         corpus = toy_corpus_settings(config.toy_corpus)
-        samples, maskable = toy_clip_corpus(
+        samples, maskable, darken = toy_clip_corpus(
             root,
             list(config.caption_splits),
             object_cutouts=corpus["object_cutouts"],
             extra_backgrounds=corpus["extra_backgrounds"],
             mask_scenes=corpus["mask_scenes"],
+            mask_backgrounds=corpus["mask_backgrounds"],
+            dark_copies=corpus["dark_copies"],
         )
-        return samples, maskable, Augment(space=corpus["mask_space"])
+        return samples, maskable, darken, Augment(space=corpus["mask_space"])
     if config.captions == "labels":
         pairs: list[tuple[Any, str]] = [
             sample
             for split in config.caption_splits
             for sample in label_caption_samples(root, split, ctx.source.class_names)
         ]
-        return pairs, None, Augment()
+        return pairs, None, None, Augment()
     raise ValueError(f"expected train_clip.captions 'toy' or 'labels', got {config.captions!r}")
 
 
@@ -75,7 +79,7 @@ def train_clip_checkpoint(ctx: StageContext) -> Path:
         ctx.print(f"[train_clip] reusing {out_path}")
         return out_path
     if ctx.dist.is_main:  # a few minutes of a small model: one process trains, the others wait
-        samples, maskable, augment = caption_samples(ctx)
+        samples, maskable, darken, augment = caption_samples(ctx)
         ctx.print(f"[train_clip] {config.model} on {len(samples)} captions ({config.captions}) -> {out_path}")
         result = train_clip(
             samples,
@@ -91,6 +95,7 @@ def train_clip_checkpoint(ctx: StageContext) -> Path:
             max_steps=config.max_steps,
             quick_gelu=config.pretrained == "openai",
             maskable=maskable,
+            darken=darken,
             fixed_logit_scale=config.fixed_logit_scale,
             augment=augment,
         )

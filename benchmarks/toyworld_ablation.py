@@ -30,8 +30,7 @@ from clims_pipeline.clip_training import (  # noqa: E402
     TINY_CLIP_NAME,
     TOY_CLIP_CORPORA,
     TOY_FROM_SCRATCH,
-    Augment,
-    toy_clip_corpus,
+    toy_corpus_from_settings,
     toy_corpus_settings,
     train_clip,
 )
@@ -124,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--clip-corpus",
         choices=sorted(TOY_CLIP_CORPORA),
         default="captions",
-        help="the tiny CLIP's corpus: the world's captions, or 'web' (+ cut-outs, object-free pictures)",
+        help="the tiny CLIP's corpus: the world's captions; 'web' (+ cut-outs, object-free pictures); "
+        "'web_dark' (web + darkened scene copies captioned as dark; see docs/toyworld.md)",
     )
     parser.add_argument(
         "--clip-cutouts", type=int, help="override the corpus' number of cut-out objects (tests)"
@@ -171,19 +171,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         corpus_tag += f"-scale{args.clip_logit_scale:g}"
     clip_path = args.workdir / f"clip-{args.n_train}-{args.clip_epochs}-{args.clip_steps}-{corpus_tag}.pt"
     if not clip_path.exists():
-        samples, maskable, darken = toy_clip_corpus(
-            world,
-            object_cutouts=corpus["object_cutouts"],
-            extra_backgrounds=corpus["extra_backgrounds"],
-            mask_scenes=corpus["mask_scenes"],
-            mask_backgrounds=corpus["mask_backgrounds"],
-            dark_copies=corpus["dark_copies"],
-        )
+        (samples, maskable, darken), augment = toy_corpus_from_settings(world, corpus)
         train_clip(
             samples,
             maskable=maskable,
             darken=darken,
-            augment=Augment(space=corpus["mask_space"]),
+            augment=augment,
             fixed_logit_scale=args.clip_logit_scale,
             model_name=TINY_CLIP_NAME,
             epochs=args.clip_epochs,

@@ -91,6 +91,13 @@ class Augment:
     space: str = "normalised"
     dark_range: tuple[float, float] = (1e-4, 0.15)
 
+    def __post_init__(self) -> None:
+        if self.space not in ("pixel", "normalised"):
+            raise ValueError(f"expected augment.space 'pixel' or 'normalised', got {self.space!r}")
+        low, high = self.dark_range
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"expected augment.dark_range with 0 < low <= high <= 1, got {self.dark_range}")
+
 
 NO_AUGMENT = Augment(mask_prob=0.0, flip_prob=0.0)
 
@@ -220,16 +227,15 @@ def toy_clip_corpus(
     samples: list[tuple[ImageSource, str]] = [
         (toyworld.image_path(root, r["id"]), r["caption"]) for r in records
     ]
-    maskable = [
-        mask_scenes if not r["split"].startswith("background_only") else mask_backgrounds for r in records
-    ]
+    is_background = [r["split"].startswith("background_only") for r in records]
+    maskable = [mask_backgrounds if background else mask_scenes for background in is_background]
+    scenes = [image for (image, _), background in zip(samples, is_background, strict=True) if not background]
     cutouts = toyworld.render_object_cutouts(object_cutouts, seed=seed)
     backgrounds = toyworld.render_background_captions(extra_backgrounds, seed=seed)
     for (images, captions), may_mask in ((cutouts, True), (backgrounds, mask_backgrounds)):
         samples += list(zip(list(images), captions, strict=True))
         maskable += [may_mask] * len(captions)
     darken = [False] * len(samples)
-    scenes = [samples[i][0] for i, r in enumerate(records) if not r["split"].startswith("background_only")]
     if dark_copies and not scenes:
         raise ValueError(f"dark_copies={dark_copies} needs scenes, but {root} has no captioned scenes")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 96]))
@@ -238,6 +244,24 @@ def toy_clip_corpus(
         maskable.append(False)
         darken.append(True)
     return ToyClipCorpus(samples, maskable, darken)
+
+
+def toy_corpus_from_settings(
+    root: str | os.PathLike[str],
+    settings: dict[str, Any],
+    splits: Sequence[str] = ("train_aug", "background_only_train"),
+) -> tuple[ToyClipCorpus, Augment]:
+    """``toy_clip_corpus`` with a ``TOY_CLIP_CORPORA`` entry's settings, and the augmentation they ask for."""
+    corpus = toy_clip_corpus(
+        root,
+        splits,
+        object_cutouts=settings["object_cutouts"],
+        extra_backgrounds=settings["extra_backgrounds"],
+        mask_scenes=settings["mask_scenes"],
+        mask_backgrounds=settings["mask_backgrounds"],
+        dark_copies=settings["dark_copies"],
+    )
+    return corpus, Augment(space=settings["mask_space"])
 
 
 def label_caption(class_names: Sequence[str], template: str = "a photo of {}.") -> str:
@@ -447,18 +471,8 @@ def train_clip(
         raise ValueError(
             f"expected epochs >= 1 and batch_size >= 2, got epochs={epochs}, batch_size={batch_size}"
         )
-    if augment is not None and augment.space not in ("pixel", "normalised"):
-        raise ValueError(f"expected augment.space 'pixel' or 'normalised', got {augment.space!r}")
-    if maskable is not None and len(maskable) != len(samples):
-        raise ValueError(f"expected one maskable flag per sample ({len(samples)}), got {len(maskable)}")
-    maskable_flags = torch.ones(len(samples), dtype=torch.bool)
-    if maskable is not None:
-        maskable_flags = torch.tensor(list(maskable), dtype=torch.bool)
-    if darken is not None and len(darken) != len(samples):
-        raise ValueError(f"expected one darken flag per sample ({len(samples)}), got {len(darken)}")
-    darken_flags = torch.zeros(len(samples), dtype=torch.bool)
-    if darken is not None:
-        darken_flags = torch.tensor(list(darken), dtype=torch.bool)
+    maskable_flags = _per_sample_flags(maskable, len(samples), "maskable", default=True)
+    darken_flags = _per_sample_flags(darken, len(samples), "darken", default=False)
     if bool(darken_flags.any()) and augment is None:
         raise ValueError("darken needs an augmentation (augment=None turns darkening off)")
     device = _default_device(device)
@@ -593,6 +607,15 @@ def train_clip(
     return ClipTrainingResult(model=model, history=history, out_path=Path(out_path))
 
 
+def _per_sample_flags(flags: Sequence[bool] | None, count: int, name: str, default: bool) -> torch.Tensor:
+    """(count,) bool tensor of ``flags`` (``default`` everywhere for None); a clear error on a bad length."""
+    if flags is None:
+        return torch.full((count,), default, dtype=torch.bool)
+    if len(flags) != count:
+        raise ValueError(f"expected one {name} flag per sample ({count}), got {len(flags)}")
+    return torch.tensor(list(flags), dtype=torch.bool)
+
+
 def _features(out: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(image features, text features, logit scale) from either of open_clip's output forms."""
     if isinstance(out, dict):
@@ -615,10 +638,6 @@ def _augment(
     batch, _, size, _ = pixels.shape
     if darken is not None and bool(darken.any()):
         low, high = augment.dark_range
-        if not 0.0 < low <= high <= 1.0:
-            raise ValueError(
-                f"expected augment.dark_range with 0 < low <= high <= 1, got {augment.dark_range}"
-            )
         factor = torch.empty(batch).uniform_(math.log(low), math.log(high), generator=generator).exp()
         factor = torch.where(darken.cpu(), factor, torch.ones_like(factor)).to(pixels.device)
         pixels = pixels * factor.view(-1, 1, 1, 1)

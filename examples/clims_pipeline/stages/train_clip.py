@@ -43,22 +43,15 @@ def caption_samples(
 ) -> tuple[list[tuple[Any, str]], list[bool] | None, list[bool] | None, Any]:
     """The (image, caption) pairs of ``train_clip``, which ones may be masked (None: all), which are
     darkened (None: none) and the augmentation (an ``Augment``)."""
-    from ..clip_training import Augment, label_caption_samples, toy_clip_corpus, toy_corpus_settings
+    from ..clip_training import Augment, label_caption_samples, toy_corpus_from_settings, toy_corpus_settings
 
     config = ctx.config.train_clip
     root = Path(ctx.source.root)  # type: ignore[attr-defined]
     if config.captions == "toy":
-        corpus = toy_corpus_settings(config.toy_corpus)
-        samples, maskable, darken = toy_clip_corpus(
-            root,
-            list(config.caption_splits),
-            object_cutouts=corpus["object_cutouts"],
-            extra_backgrounds=corpus["extra_backgrounds"],
-            mask_scenes=corpus["mask_scenes"],
-            mask_backgrounds=corpus["mask_backgrounds"],
-            dark_copies=corpus["dark_copies"],
+        corpus, augment = toy_corpus_from_settings(
+            root, toy_corpus_settings(config.toy_corpus), list(config.caption_splits)
         )
-        return samples, maskable, darken, Augment(space=corpus["mask_space"])
+        return corpus.samples, corpus.maskable, corpus.darken, augment
     if config.captions == "labels":
         pairs: list[tuple[Any, str]] = [
             sample

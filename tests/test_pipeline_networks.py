@@ -70,3 +70,45 @@ def test_multiscale_cams_shapes_and_flip_symmetry() -> None:
 def test_same_size_batches() -> None:
     sizes = [(2, 3), (2, 3), (2, 3), (4, 4), (5, 1), (5, 1)]
     assert list(same_size_batches(sizes, batch_size=2)) == [[0, 1], [2], [3], [4, 5]]
+
+
+def test_toy_backbone_receptive_field_follows_its_dilations() -> None:
+    # The pixels that reach one stride-4 feature through the convolutions: about 31 px with dilations
+    # (1, 1, 1), nearly the whole 64-px image with (2, 4, 2). GroupNorm is taken out: its per-image statistics
+    # connect every pixel to every feature, but only as one shift and scale per channel.
+    from clims_pipeline.networks import ToyBackbone
+
+    def reach(dilations: tuple[int, int, int]) -> int:
+        torch.manual_seed(0)
+        backbone = ToyBackbone(dilations=dilations).eval()
+        for block in (backbone.stem, *backbone.layers):
+            block[1] = torch.nn.Identity()
+        image = torch.randn(1, 3, 64, 64, requires_grad=True)
+        backbone(image)[0, :, 8, 8].sum().backward()
+        columns = torch.nonzero(image.grad.abs().sum(dim=(0, 1, 2)) > 0).flatten()
+        return int(columns.max() - columns.min() + 1)
+
+    assert 25 <= reach((1, 1, 1)) <= 33
+    assert reach((2, 4, 2)) >= 55  # 71 px in theory, clipped by the frame
+    with pytest.raises(ValueError, match="3 dilations"):
+        ToyBackbone(dilations=(1, 1))  # type: ignore[arg-type]
+
+
+def test_optimizer_choice_keeps_the_head_group_and_rejects_unknown_names() -> None:
+    import dataclasses
+
+    from clims_pipeline.presets import TrainConfig
+    from clims_pipeline.training import optimizer_with_head_group
+
+    model = build_network("cam", "tiny", "none", 3)
+    config = TrainConfig(lr=1e-3, head_lr_mult=10.0, optimizer="adamw")
+    optimizer, base_lrs = optimizer_with_head_group(model, config)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert base_lrs == [1e-3, 1e-2]
+    assert [group["lr"] for group in optimizer.param_groups] == base_lrs
+    head = list(model.classifier.parameters())
+    assert optimizer.param_groups[1]["params"] == head
+    sgd, _ = optimizer_with_head_group(model, dataclasses.replace(config, optimizer="sgd"))
+    assert isinstance(sgd, torch.optim.SGD)
+    with pytest.raises(ValueError, match="optimizer one of"):
+        optimizer_with_head_group(model, dataclasses.replace(config, optimizer="adam"))

@@ -151,6 +151,17 @@ def test_deeplab_output_stride_8(size: tuple[int, int]) -> None:
     assert logits.shape == (1, 21, -(-size[0] // 8), -(-size[1] // 8))
 
 
+@pytest.mark.parametrize("size", [(64, 64), (65, 97)])
+def test_toy_deeplab_output_stride_4_and_its_rates(size: tuple[int, int]) -> None:
+    model = build_deeplab(7, backbone="toy", weights="none").eval()
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, *size))
+    assert logits.shape == (1, 7, -(-size[0] // 4), -(-size[1] // 4))
+    assert [branch.dilation[0] for branch in model.base.aspp.branches] == [2, 4, 6, 8]
+    with pytest.raises(ValueError, match="'toy'"):
+        DeepLabV2(7, backbone="toyy", weights="none")
+
+
 def test_resnet101_deeplab_shape() -> None:
     model = DeepLabV2(21, backbone="resnet101", weights="none").eval()
     with torch.no_grad():

@@ -119,20 +119,33 @@ class TinyBackbone(nn.Module):
 class ToyBackbone(nn.Module):
     """A small conv net at output stride 4 for the toy world's 64-pixel images (maps of 16 x 16).
 
-    At output stride 16 a 64-pixel image gives 4 x 4 maps, too coarse to outline an object. Dilated 3x3
-    convolutions after the two strided ones give a receptive field of about 60 pixels, the whole image,
-    without striding further. GroupNorm instead of BatchNorm: trained from scratch, the network needs
-    normalisation, and GroupNorm does not depend on the batch (so the CAM net's frozen-BatchNorm rule has
-    nothing to freeze and a DDP step equals a single-process step).
+    At output stride 16 a 64-pixel image gives 4 x 4 maps, too coarse to outline an object. Two strided
+    convolutions, then three 3x3 ones at stride 4: with ``dilations`` (1, 1, 1) each feature sees about
+    31 pixels, an object and its surroundings, so a class map can follow the object. (With dilations
+    (2, 4, 2) each feature sees the whole image, the maps stay blobs at the image centre, and CLIMS lowers
+    their mIoU instead of raising it: docs/toyworld.md.)
+
+    GroupNorm instead of BatchNorm: trained from scratch, the network needs normalisation, and GroupNorm
+    does not depend on the batch (so the CAM net's frozen-BatchNorm rule has nothing to freeze and a DDP
+    step equals a single-process step).
     """
 
     output_stride = 4
 
-    def __init__(self, weights: str = "none", widths: tuple[int, ...] = (32, 64, 96, 128)):
+    def __init__(
+        self,
+        weights: str = "none",
+        widths: tuple[int, ...] = (32, 64, 96, 128),
+        dilations: tuple[int, int, int] = (1, 1, 1),
+    ):
         super().__init__()
         if weights != "none":
             raise ValueError(
                 f"the toy backbone has no pretrained weights; use --backbone-weights none, got {weights!r}"
+            )
+        if len(widths) != 4 or len(dilations) != 3:
+            raise ValueError(
+                f"expected 4 widths and 3 dilations, got widths {widths} and dilations {dilations}"
             )
 
         def block(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -147,9 +160,9 @@ class ToyBackbone(nn.Module):
         self.stem = block(3, widths[0], stride=2)
         self.layers = nn.Sequential(
             block(widths[0], widths[1], stride=2),
-            block(widths[1], widths[2], dilation=2),
-            block(widths[2], widths[3], dilation=4),
-            block(widths[3], widths[3], dilation=2),
+            block(widths[1], widths[2], dilation=dilations[0]),
+            block(widths[2], widths[3], dilation=dilations[1]),
+            block(widths[3], widths[3], dilation=dilations[2]),
         )
         self.out_channels = widths[3]
 

@@ -61,6 +61,9 @@ class TrainConfig:
     # in SGD's positional *momentum* slot (the decay itself is set per parameter group). Their effective
     # momentum is therefore 1e-4; we keep that so the schedules match.
     momentum: float = 1e-4
+    # "sgd" (the reference trainers') or "adamw" (the toy preset's CAM net, trained from scratch: see
+    # docs/toyworld.md); AdamW ignores ``momentum`` and decouples ``weight_decay``.
+    optimizer: str = "sgd"
     schedule: str = "poly"  # "poly" (power 0.9, per step) or "cosine" (per step, to 0)
     poly_power: float = 0.9
     max_steps: int | None = None  # stop early after this many optimisation steps (tests); None = all epochs
@@ -192,7 +195,7 @@ class TrainSegConfig:
             log_every=100,
         )
     )  # 30k iterations of batch 10 (max_steps bounds the run; epochs is only an upper bound), poly 0.9
-    backbone: str = "resnet101"  # "resnet101" or "tiny"
+    backbone: str = "resnet101"  # "resnet101", "tiny" or "toy"
     weights: str = (
         "imagenet"  # "imagenet" (torchvision), "none", or a local ResNet-101 / DeepLabV2 state dict
     )

@@ -39,7 +39,7 @@ from .metrics import ThresholdSweep, iou_from_confusion, mean_iou
 from .networks import CAMNet, build_network
 from .presets import TrainConfig
 from .stages.make_cam import multiscale_cams, normalise_by_max
-from .training import learning_rate_factor, plan_steps, sgd_with_head_group
+from .training import learning_rate_factor, optimizer_with_head_group, plan_steps
 
 #: The rows of the paper's Table 3 that this ablation reproduces, in the paper's order: name -> which of
 #: the weights (otm, btm, cbs, reg) stay on. "baseline" is the CAM network without CLIP.
@@ -148,10 +148,10 @@ def train_in_memory(
     seed: int,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
-    """SGD over ``data`` as the pipeline's ``train_network`` does it (10x head, per-step poly/cosine lr),
+    """Train over ``data`` as the pipeline's ``train_network`` does it (10x head, per-step poly/cosine lr),
     from tensors; returns the last logged averages."""
     steps_per_epoch, total_steps = plan_steps(len(data.ids), config)
-    optimizer, base_lrs = sgd_with_head_group(model, config)
+    optimizer, base_lrs = optimizer_with_head_group(model, config)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     step, running, last = 0, {}, {}

@@ -1,8 +1,9 @@
 """The training loop shared by ``train_cam`` and ``train_clims`` (and later trainers).
 
 It handles what every trainer needs: DistributedDataParallel over ``torchrun`` ranks with a DistributedSampler
-(the configured batch is the *global* batch), per-step poly / cosine learning rates with a 10x head, mixed
-precision, tqdm progress, JSONL logs, a checkpoint at the end of every epoch and resuming from it.
+(the configured batch is the *global* batch), SGD or AdamW with per-step poly / cosine learning rates and a
+10x head, mixed precision, tqdm progress, JSONL logs, a checkpoint at the end of every epoch and resuming
+from it.
 
 Resuming reproduces an uninterrupted run exactly: the data order is a function of ``(seed, epoch)`` and each
 sample's augmentation a function of ``(seed, epoch, index)``, so nothing depends on RNG state carried over
@@ -62,16 +63,26 @@ def plan_steps(num_images: int, config: TrainConfig, what: str = "") -> tuple[in
     return steps_per_epoch, total_steps
 
 
-def sgd_with_head_group(model: CAMNet, config: TrainConfig) -> tuple[torch.optim.SGD, list[float]]:
-    """SGD over the backbone and the head (``head_lr_mult`` x lr) groups; returns it and the base lrs."""
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def optimizer_with_head_group(
+    model: CAMNet, config: TrainConfig
+) -> tuple[torch.optim.Optimizer, list[float]]:
+    """``config.optimizer`` over the backbone and the head (``head_lr_mult`` x lr) groups; returns it and
+    the base lrs (the schedule scales them every step)."""
     backbone, head = model.parameter_groups()
     base_lrs = [config.lr, config.lr * config.head_lr_mult]
-    optimizer = torch.optim.SGD(
-        [{"params": backbone, "lr": base_lrs[0]}, {"params": head, "lr": base_lrs[1]}],
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
+    groups = [{"params": backbone, "lr": base_lrs[0]}, {"params": head, "lr": base_lrs[1]}]
+    optimizer: torch.optim.Optimizer
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    elif config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        raise ValueError(f"expected optimizer one of {OPTIMIZERS}, got {config.optimizer!r}")
     return optimizer, base_lrs
 
 
@@ -139,7 +150,7 @@ def train_network(
     )
 
     model.to(ctx.device)
-    optimizer, base_lrs = sgd_with_head_group(model, config)
+    optimizer, base_lrs = optimizer_with_head_group(model, config)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp and ctx.device.type == "cuda")
 
     # The number of processes is not part of the fingerprint: the global batches, and so the optimisation, do

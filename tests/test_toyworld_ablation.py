@@ -112,3 +112,31 @@ def test_loss_landscape_script_on_a_tiny_world(tmp_path: Path) -> None:
     report = landscape.main(["--world", str(world), "--clip", str(checkpoint), "--json", str(out)])
     assert set(landscape.MAP_FAMILIES) <= set(report) and json.loads(out.read_text())["ones"]["reg"] == 1.0
     assert report["ground_truth"]["reg"] < report["dil3"]["reg"] < report["dil8"]["reg"] < 1.0
+
+
+def test_evaluate_cams_precision_and_recall_say_where_a_map_went() -> None:
+    """A map exactly on the object: precision = recall = 100; the object plus as much background: 50 / 100."""
+    import numpy as np
+    import torch
+
+    load_bench()  # puts examples/ on the path
+    from clims_pipeline import toy_experiment
+
+    masks = torch.zeros(1, 8, 8, dtype=torch.int64)
+    masks[0, 2:4, 2:6] = 1  # 8 pixels of class 1 ("boat")
+    data = toy_experiment.SplitTensors(
+        ids=["a"],
+        images=torch.zeros(1, 3, 8, 8),
+        masks=masks,
+        labels=torch.tensor([[1.0]]),
+        raw=np.zeros((1, 8, 8, 3), np.uint8),
+    )
+    exact = (masks == 1).float().unsqueeze(1)
+    spread = exact.clone()
+    spread[0, 0, 4:6, 2:6] = 1.0  # 8 more pixels below the object (its water)
+    thresholds = np.array([0.5])
+    on_object = toy_experiment.evaluate_cams(exact, data, ["boat"], thresholds)
+    on_water = toy_experiment.evaluate_cams(spread, data, ["boat"], thresholds)
+    assert on_object["precision"]["boat"] == on_object["recall"]["boat"] == 100.0
+    assert on_water["precision"]["boat"] == 50.0 and on_water["recall"]["boat"] == 100.0
+    assert on_water["per_class"]["boat"] == 50.0

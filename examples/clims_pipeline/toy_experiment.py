@@ -232,18 +232,28 @@ def cam_prediction(cams: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 def evaluate_cams(
     cams: torch.Tensor, data: SplitTensors, class_names: Sequence[str], thresholds: np.ndarray
 ) -> dict[str, Any]:
-    """mIoU at the best background threshold, per-class IoU there and the whole curve (in %)."""
+    """mIoU at the best background threshold, per-class IoU there and the whole curve (in %).
+
+    Also each class's precision (the share of its predicted pixels that are the class) and recall there:
+    a map that covers the object's co-occurring background has low precision, a map too small low recall.
+    """
     labels = ("background", *class_names)
     sweep = ThresholdSweep(len(labels), thresholds)
     predicted, score = cam_prediction(cams)
     sweep.add(data.masks.numpy(), predicted, score)
     curve = sweep.miou_per_threshold()
     best = int(np.nanargmax(curve))
-    iou = iou_from_confusion(sweep.confusion_at(best))
+    confusion = sweep.confusion_at(best).astype(np.float64)
+    iou = iou_from_confusion(confusion)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.diag(confusion) / confusion.sum(axis=0)
+        recall = np.diag(confusion) / confusion.sum(axis=1)
     return {
         "miou": 100 * mean_iou(iou),
         "threshold": float(thresholds[best]),
         "per_class": {name: 100 * float(value) for name, value in zip(labels, iou, strict=True)},
+        "precision": {name: 100 * float(v) for name, v in zip(labels, np.nan_to_num(precision), strict=True)},
+        "recall": {name: 100 * float(v) for name, v in zip(labels, np.nan_to_num(recall), strict=True)},
         "curve": {f"{t:.2f}": 100 * float(m) for t, m in zip(thresholds, curve, strict=True)},
     }
 
@@ -423,20 +433,29 @@ def summarise(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "miou_std": round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 2),
             "miou_per_seed": [round(float(v), 2) for v in values],
             "threshold_per_seed": [r["threshold"] for r in results],
-            "per_class_mean": {
-                name: round(float(np.mean([r["per_class"][name] for r in results])), 2)
-                for name in results[0]["per_class"]
+            **{
+                f"{key}_mean": {
+                    name: round(float(np.mean([r[key][name] for r in results])), 2)
+                    for name in results[0][key]
+                }
+                for key in ("per_class", "precision", "recall")
             },
         }
     summary: dict[str, Any] = {"rows": rows}
     if "otm_btm_reg" in per_seed and "full" in per_seed:
 
-        def cooccurring(row: str) -> float:
-            return float(np.mean([rows[row]["per_class_mean"][name] for name in COOCCURRING_CLASSES]))
+        def cooccurring(row: str, key: str = "per_class") -> float:
+            return float(np.mean([rows[row][f"{key}_mean"][name] for name in COOCCURRING_CLASSES]))
 
         summary["cooccurring_iou"] = {
             "without_cbs": round(cooccurring("otm_btm_reg"), 2),
             "with_cbs": round(cooccurring("full"), 2),
+            # Where the maps went: precision falls when they cover the co-occurring background.
+            **{
+                f"{key}_{side}": round(cooccurring(row, key), 2)
+                for key in ("precision", "recall")
+                for side, row in (("without_cbs", "otm_btm_reg"), ("with_cbs", "full"))
+            },
             "classes": list(COOCCURRING_CLASSES),
             "per_class": {
                 name: {
@@ -476,4 +495,8 @@ def format_table(summary: dict[str, Any], seeds: int) -> str:
                 + " | ".join(f"{co['per_class'][c][key]:.1f}" for c in co["classes"])
                 + f" | {co[key]:.1f} | {math.fsum(paper.values()) / len(paper):.1f} |"
             )
+        names = ", ".join(co["classes"])
+        lines += ["", f"| {names} maps (mean) | precision (%) | recall (%) |", "| --- | ---: | ---: |"]
+        for key, title in (("without_cbs", "without L_CBS"), ("with_cbs", "with L_CBS")):
+            lines.append(f"| {title} | {co['precision_' + key]:.1f} | {co['recall_' + key]:.1f} |")
     return "\n".join(lines)

@@ -108,6 +108,10 @@ def overlay_grid(results: dict[str, Any], rows: int) -> Image.Image:
     return Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.Resampling.NEAREST)
 
 
+def _logit_scale(text: str) -> float | None:
+    return None if text == "learned" else float(text)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,12 +123,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n-val", type=int, default=500, help="toy world: held-out evaluation images")
     parser.add_argument("--clip-epochs", type=int, default=int(TOY_FROM_SCRATCH["epochs"]))
     parser.add_argument("--clip-steps", type=int, help="cap on CLIP training steps (tests)")
+    preset_clip = build_config("toy", "paper", "toy").train_clip
     parser.add_argument(
         "--clip-corpus",
         choices=sorted(TOY_CLIP_CORPORA),
-        default="captions",
+        default=preset_clip.toy_corpus,
         help="the tiny CLIP's corpus: the world's captions; 'web' (+ cut-outs, object-free pictures); "
-        "'web_dark' (web + darkened scene copies captioned as dark; see docs/toyworld.md)",
+        "'web_dark' (web + darkened scene copies captioned as dark; see docs/toyworld.md). "
+        "Default: the toy preset's (%(default)s)",
     )
     parser.add_argument(
         "--clip-cutouts", type=int, help="override the corpus' number of cut-out objects (tests)"
@@ -134,8 +140,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--clip-logit-scale",
-        type=float,
-        help="hold the tiny CLIP's temperature at this value (e.g. 100, CLIP's) instead of learning it",
+        type=_logit_scale,
+        default=preset_clip.fixed_logit_scale,
+        help="hold the tiny CLIP's temperature at this value (100 is CLIP's), or 'learned'. "
+        "Default: the toy preset's (%(default)s)",
     )
     parser.add_argument("--cam-steps", type=int, help="cap on baseline CAM training steps (tests)")
     parser.add_argument("--clims-steps", type=int, help="CLIMS steps per row (default: the toy preset's)")

@@ -315,8 +315,17 @@ def apply_toy_preset(config: PipelineConfig) -> None:
         num_workers=0,
     )
     config.network = NetworkConfig(backbone="toy", weights="none")
+    # AdamW: the toy backbone starts from random weights (the paper's starts from ImageNet). SGD (lr 0.1,
+    # 3 epochs) left it near the label-frequency prior on objects cut out of their backgrounds.
     config.train_cam = TrainConfig(
-        epochs=3, batch_size=32, lr=0.1, head_lr_mult=1.0, momentum=0.9, weight_decay=1e-4, log_every=50
+        epochs=4,
+        batch_size=32,
+        lr=1e-3,
+        head_lr_mult=1.0,
+        optimizer="adamw",
+        weight_decay=1e-4,
+        schedule="cosine",
+        log_every=50,
     )
     config.train_clip = ClipTrainConfig(
         enabled=True,
@@ -328,6 +337,9 @@ def apply_toy_preset(config: PipelineConfig) -> None:
         lr=2e-3,
         weight_decay=0.1,
         batch_size=128,
+        # A CLIP that scores a dimmed or cut-out view the way CLIMS needs (docs/toyworld.md, sessions 2-4).
+        toy_corpus="web_dark",
+        fixed_logit_scale=100.0,
     )
     config.train_clims.clip = "clims-tiny-clip"
     config.train_clims.clip_pretrained = "train_clip"  # the file stage train_clip writes
@@ -359,10 +371,17 @@ def apply_toy_preset(config: PipelineConfig) -> None:
     config.make_rw = dataclasses.replace(config.make_rw, exponent=5, crf=False)
     config.train_seg = dataclasses.replace(
         config.train_seg,
+        # The toy backbone at stride 4 with AdamW: the tiny stride-8 net (8 x 8 logits, SGD, 300 steps)
+        # learned only the background and the train (val mIoU 15.2 vs 29.1 on the same pseudo masks).
         train=dataclasses.replace(
-            config.train_seg.train, max_steps=300, batch_size=16, lr=1e-2, momentum=0.9, log_every=50
+            config.train_seg.train,
+            max_steps=600,
+            batch_size=16,
+            lr=2e-3,
+            optimizer="adamw",
+            log_every=50,
         ),
-        backbone="tiny",
+        backbone="toy",
         weights="none",
         crop_size=65,
         scales=(0.9, 1.0, 1.1),
@@ -370,8 +389,11 @@ def apply_toy_preset(config: PipelineConfig) -> None:
     config.eval_seg = dataclasses.replace(config.eval_seg, scales=(1.0,), crf=False, test_split="")
 
 
-#: The toy world's loss weights (alpha, beta, gamma, delta) and CLIMS steps, tuned on the train split.
-TOY_LOSS_WEIGHTS: dict[str, float] = {"otm": 10.0, "btm": 25.0, "cbs": 29.5, "reg": 8.0}
+#: The toy world's loss weights (alpha, beta, gamma, delta) and CLIMS steps, tuned on the train split's
+#: masks (first 400 images, seeds 0 and 1). REG 8 / 16 / 20 / 24 gave full-CLIMS CAM mIoU 32.0 / 37.9 / 41.7 /
+#: 41.1 (seed 0; seed 1: 32.8 / 37.2 / 36.9 / 40.0); REG 32 lost the bird maps and REG 48 every map but the
+#: train's, so 20 keeps a margin below that edge. 60 / 250 steps instead of 120: 29.4 / 26.4 (REG 8).
+TOY_LOSS_WEIGHTS: dict[str, float] = {"otm": 10.0, "btm": 25.0, "cbs": 29.5, "reg": 20.0}
 TOY_CLIMS_STEPS = 120
 
 

@@ -80,6 +80,30 @@ def test_config_overrides_are_checked() -> None:
         apply_override(config, "train_cam.epoch=3")
 
 
+def test_rerun_with_other_settings_is_announced(tmp_path: Path) -> None:
+    """Finished stages are reused; a work directory written with other settings says which ones differ."""
+    from clims_pipeline.cli import changed_settings, warn_about_changed_settings
+    from clims_pipeline.files import write_json
+
+    before = build_config("toy", "paper", "toy")
+    path = tmp_path / "config.json"
+    write_json(path, {"argv": [], "config": before.to_dict()})
+    printed: list[str] = []
+    warn_about_changed_settings(printed.append, path, build_config("toy", "paper", "toy"))
+    assert printed == []  # tuples read back from JSON as lists still compare equal
+    after = build_config("toy", "paper", "toy")
+    apply_override(after, "train_cam.optimizer=sgd")
+    apply_override(after, "make_cam.scales=[1.0]")
+    warn_about_changed_settings(printed.append, path, after)
+    assert len(printed) == 1
+    assert "(make_cam.scales, train_cam.optimizer)" in printed[0] and "--force" in printed[0]
+    old_version = before.to_dict()
+    del old_version["train_cam"]["optimizer"]  # a field that an older version did not write
+    assert changed_settings(old_version, before.to_dict()) == ["train_cam.optimizer"]
+    warn_about_changed_settings(printed.append, tmp_path / "missing.json", after)
+    assert len(printed) == 1
+
+
 def test_run_logger_writes_jsonl_and_tensorboard_scalars_when_available(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

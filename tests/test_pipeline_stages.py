@@ -82,6 +82,7 @@ def test_rerun_skips_finished_work(
     assert run_cli(["--voc-root", voc_root, "--workdir", workdir, "--stages", stages, *FAST_SMOKE_ARGS]) == 0
     out = capsys.readouterr().out
     assert "[train_cam] done already" in out and "[train_clims] done already" in out
+    assert "other settings" not in out
     assert "70 of 70 images done already" in out
     assert (workdir / "train_cam" / "model.pt").stat().st_mtime_ns == model_mtime
     assert json.loads((workdir / "results.json").read_text())["cam"]["miou"] == before

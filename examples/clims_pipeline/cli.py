@@ -8,7 +8,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +161,40 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
     return config
 
 
+def changed_settings(old: object, new: object, prefix: str = "") -> list[str]:
+    """Dotted names of the config fields whose values differ between two ``config.to_dict()`` dumps (read
+    back from JSON, so tuples and lists compare equal); a field present in only one of them counts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changed: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old or key not in new:
+                changed.append(name)
+            else:
+                changed += changed_settings(old[key], new[key], name)
+        return changed
+    return [] if json.loads(json.dumps(old)) == json.loads(json.dumps(new)) else [prefix]
+
+
+def warn_about_changed_settings(
+    ctx_print: Callable[[str], None], config_path: Path, config: PipelineConfig
+) -> None:
+    """Finished stages are reused as they are; say so when the work directory's settings were different."""
+    if not config_path.is_file():
+        return
+    try:
+        previous = json.loads(config_path.read_text()).get("config", {})
+    except (OSError, ValueError):
+        return
+    changed = changed_settings(previous, config.to_dict())
+    if changed:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        ctx_print(
+            f"[pipeline] warning: {config_path} was written with other settings ({shown}); stages that "
+            "finished with them are reused as they are. Use --force (or a new --workdir) to redo them."
+        )
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -207,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed_everything(args.seed)
         if dist_info.is_main:
             ctx.workdir.mkdir(parents=True, exist_ok=True)
+            if not args.force:
+                warn_about_changed_settings(ctx.print, ctx.workdir / "config.json", config)
             write_json(
                 ctx.workdir / "config.json",
                 {

@@ -43,15 +43,7 @@ GRID_COLUMNS = ("input", "baseline", "otm", "otm_btm", "otm_btm_reg", "full", "g
 
 def settings_from_toy_preset(args: argparse.Namespace) -> experiment.AblationSettings:
     """The ablation's settings are the pipeline's toy preset (one source of truth), plus overrides."""
-    config = build_config("toy", "paper", "toy")
-    settings = experiment.AblationSettings(
-        backbone=config.network.backbone,
-        cam_train=config.train_cam,
-        clims_train=config.train_clims.train,
-        weights=dict(config.train_clims.loss_weights or {}),
-        scales=tuple(config.make_cam.scales),
-        flip=config.make_cam.flip,
-    )
+    settings = experiment.AblationSettings()
     if args.cam_steps is not None:
         settings.cam_train.max_steps = args.cam_steps
     if args.clims_steps is not None:

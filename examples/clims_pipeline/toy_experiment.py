@@ -267,30 +267,22 @@ def default_thresholds() -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _toy_preset() -> Any:
+    from .presets import build_config
+
+    return build_config("toy", "paper", "toy")
+
+
 @dataclass
 class AblationSettings:
-    """Everything a run of the ablation depends on (the tuned values are the defaults)."""
+    """Everything a run of the ablation depends on. The defaults are the ``toy`` preset's
+    (``presets.apply_toy_preset``), so the ablation measures what the pipeline runs."""
 
-    backbone: str = "toy"
-    cam_train: TrainConfig = dataclasses.field(
-        default_factory=lambda: TrainConfig(
-            epochs=4, batch_size=32, lr=0.05, momentum=0.9, weight_decay=1e-4, head_lr_mult=1.0, log_every=50
-        )
-    )
-    clims_train: TrainConfig = dataclasses.field(
-        default_factory=lambda: TrainConfig(
-            epochs=1,
-            batch_size=32,
-            lr=0.01,
-            momentum=0.9,
-            weight_decay=1e-4,
-            head_lr_mult=1.0,
-            schedule="cosine",
-            log_every=50,
-        )
-    )
+    backbone: str = dataclasses.field(default_factory=lambda: str(_toy_preset().network.backbone))
+    cam_train: TrainConfig = dataclasses.field(default_factory=lambda: _toy_preset().train_cam)
+    clims_train: TrainConfig = dataclasses.field(default_factory=lambda: _toy_preset().train_clims.train)
     weights: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"otm": 10.0, "btm": 25.0, "cbs": 29.5, "reg": 1.15}
+        default_factory=lambda: dict(_toy_preset().train_clims.loss_weights)
     )
     similarity: str = "clamp"
     cbs_reduction: str = "mean"
@@ -298,8 +290,10 @@ class AblationSettings:
     train_limit: int | None = None
     eval_split: str = "val"
     eval_limit: int | None = None
-    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
-    flip: bool = True
+    scales: tuple[float, ...] = dataclasses.field(
+        default_factory=lambda: tuple(_toy_preset().make_cam.scales)
+    )
+    flip: bool = dataclasses.field(default_factory=lambda: bool(_toy_preset().make_cam.flip))
     rows: tuple[str, ...] = ("baseline", *ABLATION_ROWS)
     # Class -> CBS background terms in place of the hand-written toy ones (e.g. a mined registry's).
     class_backgrounds: dict[str, list[str]] | None = None

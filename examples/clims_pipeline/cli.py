@@ -17,7 +17,7 @@ import torch
 from . import stages  # noqa: F401  (registers the stages)
 from .context import STAGES, StageContext, ordered_stages
 from .distributed import init_distributed, shutdown_distributed
-from .files import write_json
+from .files import read_json, write_json
 from .presets import DATASETS, PRESETS, VARIANTS, PipelineConfig, apply_override, build_config
 from .toy_pipeline import DEFAULT_TOY_WORKDIR, TOY_STAGES, ensure_toy_world, toy_world_root
 
@@ -162,8 +162,8 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def changed_settings(old: object, new: object, prefix: str = "") -> list[str]:
-    """Dotted names of the config fields whose values differ between two ``config.to_dict()`` dumps (read
-    back from JSON, so tuples and lists compare equal); a field present in only one of them counts."""
+    """Dotted names of the config fields whose values differ between two config dumps of the same form
+    (both read back from JSON, or both ``config.to_dict()``); a field present in only one of them counts."""
     if isinstance(old, dict) and isinstance(new, dict):
         changed: list[str] = []
         for key in sorted(set(old) | set(new), key=str):
@@ -173,7 +173,7 @@ def changed_settings(old: object, new: object, prefix: str = "") -> list[str]:
             else:
                 changed += changed_settings(old[key], new[key], name)
         return changed
-    return [] if json.loads(json.dumps(old)) == json.loads(json.dumps(new)) else [prefix]
+    return [] if old == new else [prefix]
 
 
 def warn_about_changed_settings(
@@ -183,10 +183,11 @@ def warn_about_changed_settings(
     if not config_path.is_file():
         return
     try:
-        previous = json.loads(config_path.read_text()).get("config", {})
+        previous = read_json(config_path).get("config", {})
     except (OSError, ValueError):
         return
-    changed = changed_settings(previous, config.to_dict())
+    # The file holds JSON (tuples read back as lists): compare with the current config in the same form.
+    changed = changed_settings(previous, json.loads(json.dumps(config.to_dict())))
     if changed:
         shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
         ctx_print(

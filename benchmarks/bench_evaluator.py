@@ -41,12 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout without installing
-    sys.path.insert(0, str(REPO_ROOT))
+import clims_loss as cl
+from clims_loss.clip_loading import clip_input_size
 
-import clims_loss as cl  # noqa: E402
-from clims_loss.clip_loading import clip_input_size  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 NUM_CLASSES = 20
 RESULT_MARKER = "BENCH_RESULT "

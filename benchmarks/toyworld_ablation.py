@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES_DIR))
-
-from clims_pipeline import toy_experiment as experiment  # noqa: E402
-from clims_pipeline.clip_training import (  # noqa: E402
+from clims_pipeline.clip_training import (
     TINY_CLIP_NAME,
     TOY_CLIP_CORPORA,
     TOY_FROM_SCRATCH,
@@ -34,9 +29,10 @@ from clims_pipeline.clip_training import (  # noqa: E402
     toy_corpus_settings,
     train_clip,
 )
-from clims_pipeline.presets import build_config  # noqa: E402
-from clims_pipeline.toyworld import CLASS_BACKGROUND, TOY_CLASSES, generate_toy_world  # noqa: E402
-from clims_pipeline.visualize import colorize_labels, jet  # noqa: E402
+from clims_pipeline.config import build_config
+from clims_pipeline.toy import experiment as experiment
+from clims_pipeline.toy.world import CLASS_BACKGROUND, TOY_CLASSES, generate_toy_world
+from clims_pipeline.visualize import colorize_labels, jet
 
 GRID_COLUMNS = ("input", "baseline", "otm", "otm_btm", "otm_btm_reg", "full", "ground truth")
 

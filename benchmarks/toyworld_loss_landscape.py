@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-from clims_pipeline import toy_experiment as experiment
-from clims_pipeline.clip_training import TINY_CLIP_NAME
-from clims_pipeline.toyworld import TOY_CLASSES
-
 import clims_loss as cl
+from clims_pipeline.clip_training import TINY_CLIP_NAME
+from clims_pipeline.toy import experiment as experiment
+from clims_pipeline.toy.world import TOY_CLASSES
 
 
 def _dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:

@@ -14,9 +14,6 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = REPO_ROOT / "examples"
 ENTRY_POINT = EXAMPLES_DIR / "voc_full_pipeline.py"
-for path in (str(EXAMPLES_DIR), str(REPO_ROOT)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
 
 #: 100 real VOC 2012 images + masks (70 train, 30 val); see its README.md.
 VOC_SAMPLE = Path(os.environ.get("CLIMS_VOC_SAMPLE", REPO_ROOT.parent / "shared" / "data" / "voc2012_sample"))

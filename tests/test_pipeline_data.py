@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pipeline_helpers import make_mini_voc, require_voc_sample, run_cli  # puts examples/ on sys.path
+from pipeline_helpers import make_mini_voc, require_voc_sample, run_cli
 
 # isort: split
 from clims_pipeline.data import COCOSource, DatasetError, TrainCropDataset, VOCSource, load_index_mask

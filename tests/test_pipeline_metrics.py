@@ -6,15 +6,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pipeline_helpers  # noqa: F401  (puts examples/ on sys.path)
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 # isort: split
+from clims_pipeline.config import apply_override, build_config
 from clims_pipeline.files import atomic_write, update_results
 from clims_pipeline.metrics import ThresholdSweep, confusion_matrix, iou_from_confusion, mean_iou
-from clims_pipeline.presets import apply_override, build_config
 
 
 @settings(max_examples=30, deadline=None)

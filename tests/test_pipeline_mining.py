@@ -144,8 +144,8 @@ def test_vocabulary_file_and_stale_settings(tmp_path: Path) -> None:
 
 def test_stage_on_the_toy_dataset_starts_from_the_toy_registry(tmp_path: Path) -> None:
     """--dataset toy: the toy registry (not a library preset) and its CBS form carry over to the mined one."""
-    from clims_pipeline import toyworld
-    from clims_pipeline.toy_experiment import toy_registry
+    from clims_pipeline.toy import world as toyworld
+    from clims_pipeline.toy.experiment import toy_registry
 
     world = tmp_path / "world"
     toyworld.generate_toy_world(world, n_train=24, n_val=4, n_background_only=0, progress=False)
@@ -170,9 +170,10 @@ def mine_toy_world(world: Path, clip_checkpoint: Path, split: str = "train") -> 
     """Mine a toy world's train split with a tiny CLIP trained on its captions; vocabulary: the toy world's
     background words plus the default list."""
     import torch
-    from clims_pipeline import clip_training, toyworld
 
     from clims_loss.clip_loading import clip_input_size, clip_normalization
+    from clims_pipeline import clip_training
+    from clims_pipeline.toy import world as toyworld
 
     clip_model, tokenizer = cl.load_open_clip(clip_training.TINY_CLIP_NAME, pretrained=clip_checkpoint)
     clip_model.eval()  # its ResNet's BatchNorm must use the trained statistics, not the batch's
@@ -203,7 +204,9 @@ def test_toy_world_each_object_finds_its_own_background(tmp_path: Path) -> None:
     import os
 
     import torch
-    from clims_pipeline import clip_training, toyworld
+
+    from clims_pipeline import clip_training
+    from clims_pipeline.toy import world as toyworld
 
     torch.set_num_threads(1)  # tiny models: threads only spin on a shared CPU
     if os.environ.get("CLIMS_TOY_WORLD") and os.environ.get("CLIMS_TOY_CLIP"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pipeline_helpers  # noqa: F401  (puts examples/ on sys.path)
 import pytest
 import torch
 
@@ -97,7 +96,7 @@ def test_toy_backbone_receptive_field_follows_its_dilations() -> None:
 def test_optimizer_choice_keeps_the_head_group_and_rejects_unknown_names() -> None:
     import dataclasses
 
-    from clims_pipeline.presets import TrainConfig
+    from clims_pipeline.config import TrainConfig
     from clims_pipeline.training import optimizer_with_head_group
 
     model = build_network("cam", "tiny", "none", 3)

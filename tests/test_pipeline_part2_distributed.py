@@ -95,7 +95,7 @@ def results(workdir: Path) -> dict:
 
 
 def test_train_aff_two_process_steps_equal_single_process_steps(runs: dict[str, Path]) -> None:
-    from clims_pipeline.presets import build_config
+    from clims_pipeline.config import build_config
     from clims_pipeline.stages.train_aff import build_affinity_net
 
     assert_same_pngs(runs["aff"] / "train_aff" / "labels", runs["ddp"] / "train_aff" / "labels")

@@ -11,11 +11,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pipeline_helpers  # noqa: F401  (puts examples/ on sys.path before clims_pipeline is imported)
 import pytest
-from clims_pipeline.crf import crf_available
 from PIL import Image
 from pipeline_helpers import FAST_SMOKE_ARGS, make_mini_voc, require_voc_sample, run_cli
+
+from clims_pipeline.crf import crf_available
 
 TINY_BATCHES = (
     *("--set", "train_cam.batch_size=2", "--set", "train_clims.train.batch_size=2"),
@@ -57,7 +57,7 @@ def test_results_have_cam_rw_and_seg(mini_run: tuple[Path, Path]) -> None:
 
 
 def test_report_caveat_names_each_preset() -> None:
-    from clims_pipeline.presets import PRESETS
+    from clims_pipeline.config import PRESETS
     from clims_pipeline.stages.report import PRESET_CAVEATS
 
     assert set(PRESET_CAVEATS) == set(PRESETS)

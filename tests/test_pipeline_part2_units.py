@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pipeline_helpers  # noqa: F401  (puts examples/ on sys.path)
 import pytest
 import torch
 import torch.nn.functional as F
+
 from clims_pipeline.crf import CRF_INSTALL_HINT, DEEPLAB_CRF, PSA_CRF, crf_available, dense_crf
 from clims_pipeline.deeplab import ASPP, MSC, DeepLabV2, build_deeplab, msc_loss
 from clims_pipeline.random_walk import (

@@ -17,13 +17,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import pipeline_helpers  # noqa: F401  (puts examples/ on sys.path)
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from clims_pipeline.deeplab import DeepLabV2
 from clims_pipeline.segmentation_init import load_segmentation_init
-from torch import nn
 
 CAFFE_MEAN_BGR = torch.tensor([104.008, 116.669, 122.675], dtype=torch.float64)
 TORCHVISION_MEAN_RGB = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64)

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 import clims_loss as cl
-from examples.clims_pipeline import clip_training, toyworld
+from clims_pipeline import clip_training
+from clims_pipeline.toy import world as toyworld
 
 SMALL = dict(
     n_train=24, n_val=8, n_background_only=12, n_background_only_val=12, image_size=64, progress=False

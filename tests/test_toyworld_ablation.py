@@ -65,8 +65,8 @@ def test_rows_and_backgrounds_options(tmp_path: Path) -> None:
     import clims_loss as cl
 
     bench = load_bench()  # puts examples/ on the path
-    from clims_pipeline import toy_experiment
-    from clims_pipeline.toyworld import TOY_CLASSES
+    from clims_pipeline.toy import experiment as toy_experiment
+    from clims_pipeline.toy.world import TOY_CLASSES
 
     mined = {name: [f"{name} place", "ground"] for name in TOY_CLASSES}
     path = tmp_path / "mined.json"
@@ -104,7 +104,9 @@ def test_loss_landscape_script_on_a_tiny_world(tmp_path: Path) -> None:
     spec.loader.exec_module(landscape)
     import open_clip
     import torch
-    from clims_pipeline import clip_training, toyworld
+
+    from clims_pipeline import clip_training
+    from clims_pipeline.toy import world as toyworld
 
     world = tmp_path / "world"
     toyworld.generate_toy_world(world, n_train=8, n_val=6, n_background_only=0, progress=False)
@@ -122,7 +124,7 @@ def test_evaluate_cams_precision_and_recall_say_where_a_map_went() -> None:
     import torch
 
     load_bench()  # puts examples/ on the path
-    from clims_pipeline import toy_experiment
+    from clims_pipeline.toy import experiment as toy_experiment
 
     masks = torch.zeros(1, 8, 8, dtype=torch.int64)
     masks[0, 2:4, 2:6] = 1  # 8 pixels of class 1 ("boat")

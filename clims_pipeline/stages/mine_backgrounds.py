@@ -55,7 +55,7 @@ def base_registry(ctx: StageContext) -> Any:
     import clims_loss as cl
 
     if ctx.config.train_clims.prompts == "toy":
-        from ..toy_experiment import toy_registry
+        from ..toy.experiment import toy_registry
 
         return toy_registry()
     return cl.BackgroundPromptRegistry.preset(ctx.config.train_clims.prompts)

@@ -30,7 +30,7 @@ accept them.
 Generation is deterministic: image ``i`` of split ``s`` is drawn from its own random stream seeded by
 ``(seed, s, i)``, so the result does not depend on the number of worker processes.
 
-Run ``python -m examples.clims_pipeline.toyworld --help`` (from the repository root) for the
+Run ``python -m clims_pipeline.toy.world --help`` for the
 measurement entry point (generate, train the tiny CLIP, report zero-shot accuracy and the bias).
 """
 
@@ -1264,7 +1264,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     import torch
 
-    from . import clip_training
+    from .. import clip_training
 
     if args.threads:
         torch.set_num_threads(args.threads)

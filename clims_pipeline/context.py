@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
+from .config import PipelineConfig
 from .data import SegmentationSource, build_source
 from .distributed import DistributedInfo, barrier
 from .files import update_results
-from .presets import PipelineConfig
 
 
 @dataclass(frozen=True)

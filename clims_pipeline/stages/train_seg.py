@@ -19,10 +19,10 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..config import TrainSegConfig
 from ..context import StageContext, register_stage
 from ..data import SegmentationSource
 from ..deeplab import build_deeplab, msc_loss
-from ..presets import TrainSegConfig
 from ..training import final_model_path, train_network
 from .make_rw import mask_directory
 from .train_aff import crop_image_and_labels, read_label_png

@@ -26,12 +26,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from .config import TrainConfig
 from .context import StageContext
 from .data import EpochIndexSampler, TrainCropDataset
 from .distributed import all_reduce_sum, barrier
 from .files import save_torch
 from .networks import CAMNet
-from .presets import TrainConfig
 
 #: loss_fn(model, batch) -> (scalar loss, {name: scalar tensor} for logging)
 LossFunction = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]

@@ -35,11 +35,11 @@ from PIL import Image
 
 from clims_loss import IMAGENET_MEAN, IMAGENET_STD
 
-from .metrics import ThresholdSweep, iou_from_confusion, mean_iou
-from .networks import CAMNet, build_network
-from .presets import TrainConfig
-from .stages.make_cam import multiscale_cams, normalise_by_max
-from .training import learning_rate_factor, optimizer_with_head_group, plan_steps
+from ..config import TrainConfig
+from ..metrics import ThresholdSweep, iou_from_confusion, mean_iou
+from ..networks import CAMNet, build_network
+from ..stages.make_cam import multiscale_cams, normalise_by_max
+from ..training import learning_rate_factor, optimizer_with_head_group, plan_steps
 
 #: The rows of the paper's Table 3 that this ablation reproduces, in the paper's order: name -> which of
 #: the weights (otm, btm, cbs, reg) stay on. "baseline" is the CAM network without CLIP.
@@ -268,7 +268,7 @@ def default_thresholds() -> np.ndarray:
 
 
 def _toy_preset() -> Any:
-    from .presets import build_config
+    from ..config import build_config
 
     return build_config("toy", "paper", "toy")
 
@@ -314,7 +314,7 @@ def toy_registry(
     about 25 to 1 and the maps collapsed (measured: all maps at 0.5, CAM mIoU below the baseline)."""
     import clims_loss as cl
 
-    from .toyworld import toy_prompts
+    from .world import toy_prompts
 
     registry = cl.BackgroundPromptRegistry(**toy_prompts()).replace(
         similarity=similarity, cbs_reduction=cbs_reduction
@@ -334,7 +334,7 @@ def build_toy_evaluator(
 ) -> Any:
     import clims_loss as cl
 
-    from . import clip_training  # registers the tiny CLIP config with open_clip
+    from .. import clip_training  # registers the tiny CLIP config with open_clip
 
     clip_training.register_model_configs()
     prompts = toy_registry(similarity, cbs_reduction, class_backgrounds)
@@ -361,7 +361,7 @@ def run_ablation(
 
     ``verbose`` also logs the training losses every ``log_every`` steps."""
     step_log = log if verbose else None
-    from .toyworld import TOY_CLASSES
+    from .world import TOY_CLASSES
 
     class_names = TOY_CLASSES
     train = load_split(world_root, settings.train_split, len(class_names), settings.train_limit)

@@ -219,7 +219,7 @@ def toy_clip_corpus(
     fill under a background caption makes black read as a background. ``dark_copies`` scenes (drawn
     with ``seed``) are added again with a dark-picture caption, to be darkened by ``train_clip``.
     """
-    from . import toyworld  # local import: the rest of this module also serves real data
+    from .toy import world as toyworld  # local import: the rest of this module also serves real data
 
     records = toyworld.read_captions(root, splits)
     if not records:
@@ -724,7 +724,7 @@ def zero_shot_report(
     b(k) closer to b's prompt than to k's; ``object_prompt_wins`` = share of object views of k closer to
     k's prompt than to b(k)'s (what the background suppression loss relies on).
     """
-    from . import toyworld  # local import: the rest of this module also serves real data
+    from .toy import world as toyworld  # local import: the rest of this module also serves real data
 
     root = Path(root)
     device = _default_device(device)

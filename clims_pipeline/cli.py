@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from . import stages  # noqa: F401  (registers the stages)
+from .config import DATASETS, PRESETS, VARIANTS, PipelineConfig, apply_override, build_config
 from .context import STAGES, StageContext, ordered_stages
 from .distributed import init_distributed, shutdown_distributed
 from .files import read_json, write_json
-from .presets import DATASETS, PRESETS, VARIANTS, PipelineConfig, apply_override, build_config
-from .toy_pipeline import DEFAULT_TOY_WORKDIR, TOY_STAGES, ensure_toy_world, toy_world_root
+from .toy.pipeline import DEFAULT_TOY_WORKDIR, TOY_STAGES, ensure_toy_world, toy_world_root
 
 DEFAULT_STAGES = ("train_cam", "train_clims", "make_cam", "eval_cam")
 

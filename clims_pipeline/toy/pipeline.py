@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .context import StageContext
-from .distributed import barrier
+from ..context import StageContext
+from ..distributed import barrier
 
 #: Where the main command works when no --workdir is given (relative to the current directory).
 DEFAULT_TOY_WORKDIR = "runs/toyworld"
@@ -38,7 +38,7 @@ def ensure_toy_world(ctx: StageContext) -> Path:
 
     Only the work directory's own ``toyworld/`` is generated (or regenerated when its settings changed); a
     world given with ``--voc-root`` is used as it is."""
-    from .toyworld import generate_toy_world, load_toy_world
+    from .world import generate_toy_world, load_toy_world
 
     root = Path(ctx.args.voc_root)
     config = ctx.config.toy_world

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import TINY_CLIP_NAME
 from ..context import StageContext, register_stage
 from ..distributed import all_reduce_sum
 from ..networks import build_network
-from ..presets import TINY_CLIP_NAME
 from ..training import (
     build_train_dataset,
     check_training_data,

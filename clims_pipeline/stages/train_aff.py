@@ -25,12 +25,12 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ..config import TrainAffConfig
 from ..context import StageContext, register_stage
 from ..crf import PSA_CRF, require_densecrf
 from ..data import SegmentationSource, normalize_image, random_crop_with_padding, random_rescale_long_side
 from ..distributed import barrier, broadcast_object
 from ..files import read_json, save_png, write_json
-from ..presets import TrainAffConfig
 from ..random_walk import (
     FEATURE_STRIDE,
     AffinityNet,

@@ -28,7 +28,7 @@ PROMPT_PRESETS = {
     ("voc", "official"): "voc-official",
     ("coco", "paper"): "coco",
     ("coco", "official"): "coco",
-    # The toy world's registry is built from clims_pipeline.toyworld.toy_prompts(), not a library preset.
+    # The toy world's registry is built from clims_pipeline.toy.world.toy_prompts(), not a library preset.
     ("toy", "paper"): "toy",
     ("toy", "official"): "toy",
 }

@@ -378,12 +378,12 @@ class COCOSource(SegmentationSource):
 
 
 class ToySource(VOCSource):
-    """The procedural toy world (``clims_pipeline.toyworld``): the VOC layout with its six classes."""
+    """The procedural toy world (``clims_pipeline.toy.world``): the VOC layout with its six classes."""
 
     name = "toy"
 
     def __init__(self, root: str | Path):
-        from .toyworld import TOY_CLASSES
+        from .toy.world import TOY_CLASSES
 
         super().__init__(root)
         self.class_names = TOY_CLASSES

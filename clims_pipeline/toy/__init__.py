@@ -1,0 +1,1 @@
+"""The toy world: a procedural data set with exact masks and captions, its tiny CLIP and its preset."""

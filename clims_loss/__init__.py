@@ -7,6 +7,7 @@ LossWeights(otm=10.0, btm=25.0, cbs=29.5, reg=1.15)
 
 from clims_loss.clip_loading import load_open_clip
 from clims_loss.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, UNIT_MEAN, UNIT_STD
+from clims_loss.distributed import data_parallel_loss
 from clims_loss.evaluator import CLIPTextDrivenEvaluator, EvaluatorOutput
 from clims_loss.functional import (
     LossWeights,
@@ -44,6 +45,7 @@ __all__ = [
     "btm_loss",
     "cbs_loss",
     "combine_losses",
+    "data_parallel_loss",
     "load_open_clip",
     "masked_views",
     "mine_backgrounds",

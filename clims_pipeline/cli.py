@@ -1,33 +1,46 @@
-"""Command line of the CLIMS example pipeline (``examples/voc_full_pipeline.py``)."""
+"""Command line of the CLIMS pipeline (``clims-pipeline``, ``examples/voc_full_pipeline.py``).
+
+The command line only builds the run's :class:`~clims_pipeline.config.PipelineConfig` (preset, variant,
+data set, flags, ``--set`` overrides, or ``--config`` of a recorded run), records it with its provenance in
+``<workdir>/config.json`` and runs the selected stages; the stages see the config, never the arguments.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import stages  # noqa: F401  (registers the stages)
-from .config import DATASETS, PRESETS, VARIANTS, PipelineConfig, apply_override, build_config
+from .config import PRESETS, VARIANTS, PipelineConfig, apply_override, build_config, config_from_dict
 from .context import STAGES, StageContext, ordered_stages
+from .data import DATA_SOURCES, DataSourceSpec, data_source_spec
 from .distributed import init_distributed, shutdown_distributed
 from .files import read_json, write_json
-from .toy.pipeline import DEFAULT_TOY_WORKDIR, TOY_STAGES, ensure_toy_world, toy_world_root
+from .networks import BACKBONES
+from .plugins import load_plugins
+from .runstate import changed_fields, describe_changes
 
 DEFAULT_STAGES = ("train_cam", "train_clims", "make_cam", "eval_cam")
 
 
 def build_parser() -> argparse.ArgumentParser:
     stage_help = "; ".join(f"{s.name}: {s.help}" for s in sorted(STAGES.values(), key=lambda s: s.order))
+    fallback = fallback_source()
     parser = argparse.ArgumentParser(
-        prog="voc_full_pipeline.py",
+        prog="clims-pipeline",
         description="Reproduce CLIMS (CVPR 2022): baseline CAM -> CLIMS CAM -> ..., mIoU after each stage. "
         "Run with python (one process) or torchrun --nproc_per_node=N (DDP).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -39,22 +52,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--workdir",
-        help=f"where every stage reads and writes its outputs (toy world default: {DEFAULT_TOY_WORKDIR})",
+        help="where every stage reads and writes its outputs"
+        + (f" ({fallback.name} default: {fallback.default_workdir})" if fallback else ""),
     )
     parser.add_argument(
         "--dataset",
-        choices=DATASETS,
-        help="default: voc with --voc-root, coco with --coco-root, else toy (generated in the workdir)",
+        choices=sorted(DATA_SOURCES),
+        help="default: voc with --voc-root, coco with --coco-root"
+        + (f", else {fallback.name} (made in the workdir)" if fallback else ""),
     )
+    parser.add_argument("--data-root", help="the data set's directory (see --dataset)")
     parser.add_argument(
         "--voc-root", help="VOCdevkit, VOCdevkit/VOC2012, or a directory holding JPEGImages/ etc."
     )
     parser.add_argument("--coco-root", help="COCO 2014 root with train2014/, val2014/, annotations/")
     parser.add_argument(
+        "--config",
+        help="a recorded run's config.json (or a JSON object of config sections): rerun it; flags and --set "
+        "still apply on top",
+    )
+    parser.add_argument(
         "--preset",
-        choices=PRESETS,
-        help="full: the paper's sizes (default); smoke: tiny networks and crops for a CPU check; "
-        "toy: the toy world's (default with --dataset toy)",
+        choices=sorted(PRESETS),
+        help="full: the paper's sizes (default for real data); smoke: tiny networks and crops for a CPU check"
+        + "".join(f"; {s.default_preset}: {s.name}'s default" for s in DATA_SOURCES.values() if s.fallback),
     )
     parser.add_argument(
         "--variant",
@@ -69,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "train_cam", "train_clims"),
         help="which network make_cam/eval_cam use (auto: train_clims when available)",
     )
-    parser.add_argument("--backbone", choices=("resnet50", "tiny"), help="backbone (default by preset)")
+    parser.add_argument("--backbone", choices=BACKBONES, help="CAM network backbone (default by preset)")
     parser.add_argument(
         "--backbone-weights", help="imagenet (torchvision), none (random init) or a local state-dict file"
     )
@@ -79,8 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--clip-config",
-        help="an extra open_clip model-config JSON to register (its file stem "
-        "becomes a model name for --clip)",
+        help="an extra open_clip model-config JSON to register (its file stem becomes a model name for --clip)",
     )
     parser.add_argument(
         "--backgrounds",
@@ -101,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override any config field, e.g. --set train_cam.batch_size=8 (repeatable)",
+        help="override any config field, e.g. --set train_cam.batch_size=8 (repeatable; the value is checked "
+        "against the field's type)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
@@ -111,33 +132,82 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch intra-op threads per process (default: 1 for the smoke preset on CPU, whose tiny "
         "networks only lose time to thread synchronisation; torch's default otherwise)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="random seed of every stage (default 0)")
     parser.add_argument("--force", action="store_true", help="redo the requested stages even if finished")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser
 
 
-def resolve_dataset_defaults(args: argparse.Namespace) -> None:
-    """No data set root: the toy world, generated in the work directory (docs/toyworld.md)."""
+def fallback_source() -> DataSourceSpec | None:
+    """The data source that runs without a data set (a plug-in's generated data), if one is registered."""
+    return next((spec for spec in DATA_SOURCES.values() if spec.fallback), None)
+
+
+def resolve_run_defaults(args: argparse.Namespace, recorded: PipelineConfig | None) -> DataSourceSpec:
+    """Fill in the data set, its root, preset, work directory and stages that the flags leave open."""
+    if args.voc_root or args.coco_root:
+        given = "voc" if args.voc_root else "coco"
+        if args.dataset not in (None, given):
+            raise SystemExit(
+                f"clims-pipeline: error: --{given}-root goes with --dataset {given}, not {args.dataset}"
+            )
+        args.dataset, args.data_root = given, args.voc_root or args.coco_root
     if args.dataset is None:
-        args.dataset = "voc" if args.voc_root else "coco" if args.coco_root else "toy"
+        if recorded is not None:
+            args.dataset = recorded.dataset
+        elif args.data_root:
+            args.dataset = "voc"
+        else:
+            fallback = fallback_source()
+            if fallback is None:
+                raise SystemExit(
+                    "clims-pipeline: error: name a data set (--voc-root, --coco-root or --data-root)"
+                )
+            args.dataset = fallback.name
+    spec = data_source_spec(args.dataset)
     if args.preset is None:
-        args.preset = "toy" if args.dataset == "toy" else "full"
+        args.preset = recorded.preset if recorded is not None else spec.default_preset
     if args.workdir is None:
-        if args.dataset != "toy":
-            raise SystemExit("voc_full_pipeline.py: error: --workdir is required with --dataset voc/coco")
-        args.workdir = DEFAULT_TOY_WORKDIR
-    if args.dataset == "toy":
-        if args.voc_root is None:
-            args.voc_root = str(toy_world_root(Path(os.path.abspath(args.workdir))))
-        if args.stages == ",".join(DEFAULT_STAGES):
-            args.stages = ",".join(TOY_STAGES)
+        if spec.default_workdir is None:
+            raise SystemExit(f"clims-pipeline: error: --workdir is required with --dataset {spec.name}")
+        args.workdir = spec.default_workdir
+    if not args.data_root and recorded is not None and recorded.data.root:
+        args.data_root = recorded.data.root
+    if not args.data_root and spec.default_root is not None:
+        args.data_root = str(spec.default_root(Path(os.path.abspath(args.workdir))))
+    if spec.default_stages is not None and args.stages == ",".join(DEFAULT_STAGES):
+        args.stages = ",".join(spec.default_stages)
+    return spec
+
+
+def read_recorded_config(path: str) -> PipelineConfig:
+    """``--config``: a run's ``config.json`` (its ``config`` entry) or a bare JSON object of sections."""
+    try:
+        recorded = read_json(path)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"clims-pipeline: error: --config {path}: cannot read it as JSON: {error}") from None
+    values = recorded.get("config", recorded) if isinstance(recorded, dict) else recorded
+    try:
+        return config_from_dict(values)
+    except ValueError as error:
+        raise SystemExit(f"clims-pipeline: error: --config {path}: {error}") from None
 
 
 def resolve_config(args: argparse.Namespace) -> PipelineConfig:
-    resolve_dataset_defaults(args)
-    config = build_config(args.preset, args.variant, args.dataset)
+    recorded = read_recorded_config(args.config) if args.config else None
+    resolve_run_defaults(args, recorded)
+    if recorded is not None and (args.preset, args.variant, args.dataset) == (
+        recorded.preset,
+        recorded.variant,
+        recorded.dataset,
+    ):
+        config = recorded
+    else:
+        config = build_config(args.preset, args.variant, args.dataset)
     direct = {
+        "seed": args.seed,
+        "amp": True if args.amp else None,
+        "data.root": os.path.abspath(args.data_root) if args.data_root else None,
         "data.train_split": args.train_split,
         "data.eval_split": args.eval_split,
         "data.num_workers": args.num_workers,
@@ -146,6 +216,7 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
         "network.weights": args.backbone_weights,
         "train_clims.clip": args.clip,
         "train_clims.clip_pretrained": args.clip_pretrained,
+        "train_clims.clip_config": os.path.abspath(args.clip_config) if args.clip_config else None,
         "train_clims.backgrounds": args.backgrounds,
         "mine_backgrounds.top_l": args.mine_top_l,
         "mine_backgrounds.margin": args.mine_margin,
@@ -161,39 +232,76 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
     return config
 
 
-def changed_settings(old: object, new: object, prefix: str = "") -> list[str]:
-    """Dotted names of the config fields whose values differ between two config dumps of the same form
-    (both read back from JSON, or both ``config.to_dict()``); a field present in only one of them counts."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        changed: list[str] = []
-        for key in sorted(set(old) | set(new), key=str):
-            name = f"{prefix}.{key}" if prefix else str(key)
-            if key not in old or key not in new:
-                changed.append(name)
-            else:
-                changed += changed_settings(old[key], new[key], name)
-        return changed
-    return [] if old == new else [prefix]
+def changed_settings(old: object, new: object) -> list[str]:
+    """Dotted names of the config fields whose values differ between two config dumps."""
+    return changed_fields(old, new)
 
 
 def warn_about_changed_settings(
     ctx_print: Callable[[str], None], config_path: Path, config: PipelineConfig
 ) -> None:
-    """Finished stages are reused as they are; say so when the work directory's settings were different."""
+    """Say which settings differ from the run recorded in the work directory (its stages whose inputs changed
+    are recomputed; the others are reused)."""
     if not config_path.is_file():
         return
     try:
         previous = read_json(config_path).get("config", {})
     except (OSError, ValueError):
         return
-    # The file holds JSON (tuples read back as lists): compare with the current config in the same form.
     changed = changed_settings(previous, json.loads(json.dumps(config.to_dict())))
     if changed:
-        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
         ctx_print(
-            f"[pipeline] warning: {config_path} was written with other settings ({shown}); stages that "
-            "finished with them are reused as they are. Use --force (or a new --workdir) to redo them."
+            f"[pipeline] {config_path} was written with other settings ({describe_changes(changed, 8)}); "
+            "finished stages that depend on them are recomputed, the others reused (--force redoes all)."
         )
+
+
+def _file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def provenance(config: PipelineConfig) -> dict[str, Any]:
+    """What a rerun needs besides the config: package versions, the source commit, hashes of the files read."""
+    packages = {}
+    for name in ("clims-loss", "torch", "torchvision", "open_clip_torch", "numpy"):
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    try:
+        commit: str | None = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    named = {
+        "network.weights": config.network.weights,
+        "train_aff.weights": config.train_aff.weights,
+        "train_seg.weights": config.train_seg.weights,
+        "train_clims.clip_pretrained": config.train_clims.clip_pretrained,
+        "train_clims.clip_config": config.train_clims.clip_config,
+        "train_clims.backgrounds": config.train_clims.backgrounds,
+        "train_clip.pretrained": config.train_clip.pretrained,
+        "mine_backgrounds.vocabulary": config.mine_backgrounds.vocabulary,
+    }
+    files = {
+        field: {
+            "path": str(Path(value).expanduser().resolve()),
+            "sha256": _file_sha256(Path(value).expanduser()),
+        }
+        for field, value in named.items()
+        if value and Path(value).expanduser().is_file()
+    }
+    return {"packages": packages, "python": sys.version.split()[0], "commit": commit, "files": files}
 
 
 def seed_everything(seed: int) -> None:
@@ -202,22 +310,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def selected_stage_names(text: str) -> list[str]:
+    if text in ("", "default"):
+        return list(DEFAULT_STAGES)
+    if text == "all":
+        return sorted(STAGES, key=lambda n: STAGES[n].order)
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    load_plugins()
     args = build_parser().parse_args(argv)
     config = resolve_config(args)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    names = (
-        list(DEFAULT_STAGES)
-        if args.stages in ("", "default")
-        else (
-            sorted(STAGES, key=lambda n: STAGES[n].order)
-            if args.stages == "all"
-            else [name.strip() for name in args.stages.split(",") if name.strip()]
-        )
-    )
-    selected = ordered_stages(names)
+    selected = ordered_stages(selected_stage_names(args.stages))
+    spec = data_source_spec(config.dataset)
 
     dist_info, device = init_distributed(args.device)
     threads_before = torch.get_num_threads()  # restored on exit, for callers that run main() in-process
@@ -228,20 +337,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # preset's networks are large enough to gain: its main command took 9 min 2 s with 1 thread and
         # 6 min 9 s with torch's default (2) on an otherwise idle 2-core machine.
         torch.set_num_threads(1)
-    workdir = os.path.abspath(args.workdir)
     ctx = StageContext(
-        args=args,
         config=config,
-        workdir=Path(workdir),
+        workdir=Path(os.path.abspath(args.workdir)),
         device=device,
         dist=dist_info,
-        seed=args.seed,
-        amp=args.amp,
         force=args.force,
         requested_stages=[s.name for s in selected],
     )
     try:
-        seed_everything(args.seed)
+        seed_everything(config.seed)
         if dist_info.is_main:
             ctx.workdir.mkdir(parents=True, exist_ok=True)
             if not args.force:
@@ -253,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "world_size": dist_info.world_size,
                     "device": str(device),
                     "config": config.to_dict(),
+                    "provenance": provenance(config),
                 },
             )
         ctx.print(
@@ -260,12 +366,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{config.variant} | {config.dataset} | device {device} | processes {dist_info.world_size} | "
             f"workdir {ctx.workdir}"
         )
-        if config.dataset == "toy":
-            ensure_toy_world(ctx)
+        if spec.prepare is not None:
+            spec.prepare(ctx)
         # Check every input the selected stages will read before the first one starts.
         for stage in selected:
-            if stage.preflight is not None:
-                stage.preflight(ctx)
+            stage.preflight(ctx)
         for stage in selected:
             started = time.perf_counter()
             stage.run(ctx)

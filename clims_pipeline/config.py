@@ -15,27 +15,37 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
-PRESETS = ("full", "smoke", "toy")
 VARIANTS = ("paper", "official")
-DATASETS = ("voc", "coco", "toy")
 
-#: The background-prompt preset of ``clims_loss.BackgroundPromptRegistry`` used by each (dataset, variant).
-PROMPT_PRESETS = {
-    ("voc", "paper"): "voc",
-    ("voc", "official"): "voc-official",
-    ("coco", "paper"): "coco",
-    ("coco", "official"): "coco",
-    # The toy world's registry is built from clims_pipeline.toy.world.toy_prompts(), not a library preset.
-    ("toy", "paper"): "toy",
-    ("toy", "official"): "toy",
+#: Presets: a function that adjusts a built config in place. ``full`` and ``smoke`` are built in; plug-ins
+#: add theirs with :func:`register_preset`.
+PRESETS: dict[str, Callable[[PipelineConfig], None]] = {}
+#: What the numbers of each preset can be compared with (the header of ``results.md``).
+PRESET_CAVEATS: dict[str, str] = {
+    "smoke": "The `smoke` preset uses tiny networks: a plumbing check, not a reproduction; only the `full` "
+    "preset is comparable with the paper.",
+    "full": "The `full` preset is the paper's configuration: comparable with the paper's figures.",
 }
+
+
+def register_preset(name: str, apply: Callable[[PipelineConfig], None], caveat: str | None = None) -> None:
+    """Add a preset; ``caveat`` says in ``results.md`` what its numbers can be compared with."""
+    if name in PRESETS:
+        raise ValueError(f"preset {name!r} is registered twice")
+    PRESETS[name] = apply
+    if caveat is not None:
+        PRESET_CAVEATS[name] = caveat
 
 
 @dataclass
 class DataConfig:
+    root: str = ""  # the data set's directory (VOCdevkit/VOC2012, the COCO root, ...); "" for none
     train_split: str = "train_aug"
     eval_split: str = "train"
     resize_long: tuple[int, int] = (320, 640)  # random rescale: the long side is drawn from this range
@@ -77,6 +87,7 @@ class ClimsConfig:
     loss_weights: dict[str, float] | None = None  # None: the prompt preset's own weights (otm, btm, cbs, reg)
     clip: str = "ViT-B-32"
     clip_pretrained: str = "openai"  # an open_clip tag, a local checkpoint file, or "none" (random init)
+    clip_config: str = ""  # an extra open_clip model-config JSON; its file stem becomes a model name
     # Background prompts: "preset" (the variant's), "mined" (stage mine_backgrounds' file) or a registry JSON.
     backgrounds: str = "preset"
 
@@ -96,38 +107,26 @@ class MineBackgroundsConfig:
 
 @dataclass
 class ClipTrainConfig:
-    """Stage ``train_clip``: CLIP trained (toy world, from scratch) or fine-tuned (real data) on captions.
+    """Stage ``train_clip``: CLIP trained from scratch or fine-tuned on captions.
 
-    ``captions="toy"`` reads the toy world's captions; ``"labels"`` makes the paper's label captions
-    ("a photo of boat and person.") from the training split's image labels.
+    ``captions`` names a caption source (``clip_captions.CAPTION_SOURCES``): ``"labels"`` makes the paper's
+    label captions ("a photo of boat and person.") from the training split's image labels; plug-ins add
+    their own, with ``corpus`` choosing among their variants.
     """
 
     enabled: bool = False  # off: train_clims uses train_clims.clip_pretrained as given
     model: str = "ViT-B-32"
     pretrained: str = "openai"  # start from this open_clip tag or file; "none" = from scratch
     captions: str = "labels"
-    caption_splits: tuple[str, ...] = ("train_aug",)  # toy: + the background-only images
+    caption_splits: tuple[str, ...] = ("train_aug",)
     # The paper's fine-tuning (Sec. 4.1): 20 epochs, lr 5e-5, weight decay 0.003.
     epochs: int = 20
     lr: float = 5e-5
     weight_decay: float = 0.003
     batch_size: int = 128
     max_steps: int | None = None
-    # Toy captions only: "captions" (the world's captions), "web" (+ cut-out objects and object-free
-    # pictures, pixel-space masks on those only) or "web_dark" (+ darkened scene copies captioned as dark,
-    # masks on the cut-outs only); see clip_training.TOY_CLIP_CORPORA.
-    toy_corpus: str = "captions"
+    corpus: str = ""  # a variant of the caption source, where it has several ("" = its default)
     fixed_logit_scale: float | None = None  # e.g. 100: CLIP's final temperature, not learned
-
-
-@dataclass
-class ToyWorldConfig:
-    """The toy world that ``--dataset toy`` generates into ``<workdir>/toyworld`` (without --voc-root)."""
-
-    n_train: int = 4000
-    n_val: int = 500
-    seed: int = 0
-    context_rate: float = 0.9  # how often an object stands on its own background
 
 
 @dataclass
@@ -219,11 +218,12 @@ class PipelineConfig:
     preset: str
     variant: str
     dataset: str
+    seed: int = 0  # every stage's random seed
+    amp: bool = False  # mixed precision (fp16 on CUDA, bf16 on CPU)
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     train_cam: TrainConfig = field(default_factory=TrainConfig)
     train_clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
-    toy_world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     mine_backgrounds: MineBackgroundsConfig = field(default_factory=MineBackgroundsConfig)
     train_clims: ClimsConfig = field(default_factory=ClimsConfig)
     make_cam: MakeCamConfig = field(default_factory=MakeCamConfig)
@@ -232,169 +232,107 @@ class PipelineConfig:
     make_rw: MakeRWConfig = field(default_factory=MakeRWConfig)
     train_seg: TrainSegConfig = field(default_factory=TrainSegConfig)
     eval_seg: EvalSegConfig = field(default_factory=EvalSegConfig)
+    #: Sections that plug-ins add (:func:`register_config_section`), by name; ``to_dict`` lists them beside
+    #: the built-in ones.
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, cls in CONFIG_SECTIONS.items():
+            self.sections.setdefault(name, cls())
+
+    def section(self, name: str) -> Any:
+        """A plug-in's section (raises naming the registered ones when absent)."""
+        if name not in self.sections:
+            raise KeyError(f"no config section {name!r}; plug-in sections: {sorted(self.sections)}")
+        return self.sections[name]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sections"}
+        out = {
+            name: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for name, v in values.items()
+        }
+        out.update({name: dataclasses.asdict(section) for name, section in self.sections.items()})
+        return out
 
 
-# : A tiny open_clip ViT shipped with the examples (``configs/<name>.json``): random init, for tests and smoke
-# runs.
-TINY_CLIP_NAME = "clims-pipeline-tiny-vit"
+#: Config sections of plug-ins: name -> dataclass (every field with a default).
+CONFIG_SECTIONS: dict[str, type[Any]] = {}
+
+
+def register_config_section(name: str, cls: type[Any]) -> None:
+    builtin = {f.name for f in dataclasses.fields(PipelineConfig)}
+    if name in builtin or name in CONFIG_SECTIONS:
+        raise ValueError(f"config section {name!r} exists already")
+    CONFIG_SECTIONS[name] = cls
+
+
+#: A tiny open_clip ViT shipped with the pipeline (``configs/<name>.json``): random weights, for smoke runs.
+SMOKE_CLIP_NAME = "clims-smoke-vit"
 
 
 def build_config(preset: str = "full", variant: str = "paper", dataset: str = "voc") -> PipelineConfig:
-    for value, allowed, what in (
-        (preset, PRESETS, "preset"),
-        (variant, VARIANTS, "variant"),
-        (dataset, DATASETS, "dataset"),
-    ):
+    """The config of a (preset, variant, data set); the data set's class set and prompts come from its
+    registered source (``data.DATA_SOURCES``)."""
+    from .data import data_source_spec
+
+    spec = data_source_spec(dataset)
+    for value, allowed, what in ((preset, tuple(PRESETS), "preset"), (variant, VARIANTS, "variant")):
         if value not in allowed:
             raise ValueError(f"expected --{what} to be one of {allowed}, got {value!r}")
     config = PipelineConfig(preset=preset, variant=variant, dataset=dataset)
-    config.train_clims.prompts = PROMPT_PRESETS[(dataset, variant)]
+    config.train_clims.prompts = spec.prompt_presets[variant]
     if variant == "paper":
         # Paper, Sec. 4.1: "The cosine annealing policy is applied ... trained for 10 epochs".
         config.train_clims.train = TrainConfig(epochs=10, lr=2.5e-4, schedule="cosine")
     else:
         # Official repository: 15 epochs of poly lr from a baseline CAM net, threshold 0.15 for evaluation.
         config.train_clims.train = TrainConfig(epochs=15, lr=2.5e-4, schedule="poly")
-    if dataset == "coco":
-        config.data.train_split = "train"
-        config.data.eval_split = "val"
-    if preset == "toy" or dataset == "toy":
-        if (preset, dataset) != ("toy", "toy"):
-            raise ValueError(
-                f"the toy preset and the toy dataset go together, got --preset {preset} --dataset {dataset}"
-            )
-        apply_toy_preset(config)
-
-    if preset == "smoke":
-        config.data = dataclasses.replace(
-            config.data, train_split="train", resize_long=(48, 96), crop_size=64, num_workers=0
-        )
-        config.network = NetworkConfig(backbone="tiny", weights="none")
-        config.train_cam = dataclasses.replace(config.train_cam, epochs=2, batch_size=8, log_every=2)
-        config.train_clims.train = dataclasses.replace(
-            config.train_clims.train, epochs=1, batch_size=8, lr=1e-2, log_every=2
-        )
-        config.train_clims.clip = TINY_CLIP_NAME
-        config.train_clims.clip_pretrained = "none"
-        config.make_cam = dataclasses.replace(config.make_cam, batch_size=4)
-        config.eval_cam.overlays = 4
-        # Stages 6-8 at tiny sizes; the random walk and the CRF still run on the real image sizes.
-        config.train_aff = dataclasses.replace(
-            config.train_aff,
-            train=dataclasses.replace(config.train_aff.train, epochs=1, log_every=2),
-            backbone="tiny",
-            weights="none",
-            crop_size=64,
-            resize_long=(64, 128),
-        )
-        config.make_rw.exponent = 5
-        config.train_seg = dataclasses.replace(
-            config.train_seg,
-            train=dataclasses.replace(config.train_seg.train, max_steps=6, lr=1e-2, log_every=2),
-            backbone="tiny",
-            weights="none",
-            crop_size=65,
-        )
-        config.eval_seg = dataclasses.replace(config.eval_seg, scales=(1.0, 0.5))
+    config.data.train_split, config.data.eval_split = spec.train_split, spec.eval_split
+    PRESETS[preset](config)
     return config
 
 
-def apply_toy_preset(config: PipelineConfig) -> None:
-    """The toy world (docs/toyworld.md): 64-pixel images, a small stride-4 CAM net, the tiny CLIP of stage
-    ``train_clip``. Loss weights, learning rates and steps were tuned on the masks of the ``train`` split;
-    CAM quality is reported on ``val``, which no setting was chosen on."""
+def apply_full_preset(config: PipelineConfig) -> None:
+    """The paper's sizes: the defaults of the dataclasses above."""
+    del config
+
+
+def apply_smoke_preset(config: PipelineConfig) -> None:
+    """Tiny networks, crops and a tiny random CLIP, so that every stage finishes in seconds on a CPU."""
     config.data = dataclasses.replace(
-        config.data,
-        train_split="train_aug",
-        eval_split="val",
-        resize_long=(56, 72),
-        crop_size=64,
-        num_workers=0,
+        config.data, train_split="train", resize_long=(48, 96), crop_size=64, num_workers=0
     )
-    config.network = NetworkConfig(backbone="toy", weights="none")
-    # AdamW: the toy backbone starts from random weights (the paper's starts from ImageNet). SGD (lr 0.1,
-    # 3 epochs) left it near the label-frequency prior on objects cut out of their backgrounds.
-    config.train_cam = TrainConfig(
-        epochs=4,
-        batch_size=32,
-        lr=1e-3,
-        head_lr_mult=1.0,
-        optimizer="adamw",
-        weight_decay=1e-4,
-        schedule="cosine",
-        log_every=50,
+    config.network = NetworkConfig(backbone="tiny", weights="none")
+    config.train_cam = dataclasses.replace(config.train_cam, epochs=2, batch_size=8, log_every=2)
+    config.train_clims.train = dataclasses.replace(
+        config.train_clims.train, epochs=1, batch_size=8, lr=1e-2, log_every=2
     )
-    config.train_clip = ClipTrainConfig(
-        enabled=True,
-        model="clims-tiny-clip",
-        pretrained="none",
-        captions="toy",
-        caption_splits=("train_aug", "background_only_train"),
-        epochs=5,
-        lr=2e-3,
-        weight_decay=0.1,
-        batch_size=128,
-        # A CLIP that scores a dimmed or cut-out view the way CLIMS needs (docs/toyworld.md, sessions 2-4).
-        toy_corpus="web_dark",
-        fixed_logit_scale=100.0,
-    )
-    config.train_clims.clip = "clims-tiny-clip"
-    config.train_clims.clip_pretrained = "train_clip"  # the file stage train_clip writes
-    config.train_clims.loss_weights = dict(TOY_LOSS_WEIGHTS)
-    config.train_clims.train = TrainConfig(
-        epochs=1,
-        batch_size=16,
-        lr=0.002,
-        head_lr_mult=1.0,
-        momentum=0.9,
-        weight_decay=1e-4,
-        schedule="cosine",
-        max_steps=TOY_CLIMS_STEPS,
-        log_every=20,
-    )
-    # Scales 1.0 and 0.5 (+ flip): on 400 `train` images (the tuning split) they gave a higher CAM mIoU than
-    # the paper's (1.0, 0.5, 1.5, 2.0) for both the baseline (20.4 vs 18.9) and CLIMS (17.4 vs 15.7) networks
-    # at 8x the speed (53 vs 6.7 images/s on one core): upscaled 64-pixel images add no detail.
-    config.make_cam = dataclasses.replace(config.make_cam, scales=(1.0, 0.5), batch_size=64)
-    config.eval_cam.overlays = 8
+    config.train_clims.clip = SMOKE_CLIP_NAME
+    config.train_clims.clip_pretrained = "none"
+    config.make_cam = dataclasses.replace(config.make_cam, batch_size=4)
+    config.eval_cam.overlays = 4
+    # Stages 6-8 at tiny sizes; the random walk and the CRF still run on the real image sizes.
     config.train_aff = dataclasses.replace(
         config.train_aff,
-        train=dataclasses.replace(config.train_aff.train, epochs=1, batch_size=16, lr=0.05, log_every=50),
+        train=dataclasses.replace(config.train_aff.train, epochs=1, log_every=2),
         backbone="tiny",
         weights="none",
         crop_size=64,
-        resize_long=(56, 72),
+        resize_long=(64, 128),
     )
-    config.make_rw = dataclasses.replace(config.make_rw, exponent=5, crf=False)
+    config.make_rw.exponent = 5
     config.train_seg = dataclasses.replace(
         config.train_seg,
-        # The toy backbone at stride 4 with AdamW: the tiny stride-8 net (8 x 8 logits, SGD, 300 steps)
-        # learned only the background and the train (val mIoU 15.2 vs 29.1 on the same pseudo masks).
-        train=dataclasses.replace(
-            config.train_seg.train,
-            max_steps=600,
-            batch_size=16,
-            lr=2e-3,
-            optimizer="adamw",
-            log_every=50,
-        ),
-        backbone="toy",
+        train=dataclasses.replace(config.train_seg.train, max_steps=6, lr=1e-2, log_every=2),
+        backbone="tiny",
         weights="none",
         crop_size=65,
-        scales=(0.9, 1.0, 1.1),
     )
-    config.eval_seg = dataclasses.replace(config.eval_seg, scales=(1.0,), crf=False, test_split="")
+    config.eval_seg = dataclasses.replace(config.eval_seg, scales=(1.0, 0.5))
 
 
-#: The toy world's loss weights (alpha, beta, gamma, delta) and CLIMS steps, tuned on the train split's
-#: masks (first 400 images, seeds 0 and 1). REG 8 / 16 / 20 / 24 gave full-CLIMS CAM mIoU 32.0 / 37.9 / 41.7 /
-#: 41.1 (seed 0; seed 1: 32.8 / 37.2 / 36.9 / 40.0); REG 32 lost the bird maps and REG 48 every map but the
-#: train's, so 20 keeps a margin below that edge. 60 / 250 steps instead of 120: 29.4 / 26.4 (REG 8).
-TOY_LOSS_WEIGHTS: dict[str, float] = {"otm": 10.0, "btm": 25.0, "cbs": 29.5, "reg": 20.0}
-TOY_CLIMS_STEPS = 120
+register_preset("full", apply_full_preset)
+register_preset("smoke", apply_smoke_preset)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -409,20 +347,126 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def coerce_value(annotation: Any, value: Any, where: str) -> Any:
+    """``value`` as the field type ``annotation`` (tuples from lists, floats from ints), or a ValueError that
+    names ``where``, the expected type and the value."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            try:
+                return coerce_value(option, value, where)
+            except ValueError as error:
+                errors.append(error)
+        raise ValueError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise ValueError(f"{where}: expected null, got {value!r}")
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list ({_type_name(annotation)}), got {value!r}")
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce_value(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
+        if len(args) != len(value):
+            raise ValueError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(
+            coerce_value(a, item, f"{where}[{i}]")
+            for i, (a, item) in enumerate(zip(args, value, strict=True))
+        )
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected an object ({_type_name(annotation)}), got {value!r}")
+        key_type, value_type = typing.get_args(annotation)
+        return {
+            coerce_value(key_type, k, where): coerce_value(value_type, v, f"{where}.{k}")
+            for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected an object of {annotation.__name__}'s fields, got {value!r}")
+        return section_from_dict(annotation, value, where)
+    raise ValueError(f"{where}: cannot check a value of type {_type_name(annotation)}")
+
+
+def _field_types(section: Any) -> dict[str, Any]:
+    return typing.get_type_hints(section if isinstance(section, type) else type(section))
+
+
+def section_from_dict(cls: type[Any], values: dict[str, Any], where: str) -> Any:
+    """A config section built from a JSON object, every field checked; unknown fields are errors."""
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; {cls.__name__} has {sorted(types_)}")
+    kwargs = {
+        name: coerce_value(types_[name], value, f"{where}.{name}" if where else name)
+        for name, value in values.items()
+    }
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> PipelineConfig:
+    """A :class:`PipelineConfig` from its JSON form (``config.json``'s ``config``), every field checked."""
+    if not isinstance(values, dict):
+        raise ValueError(f"expected a JSON object of config sections, got {type(values).__name__}")
+    builtin = {k: v for k, v in values.items() if k not in CONFIG_SECTIONS}
+    config: PipelineConfig = section_from_dict(PipelineConfig, builtin, "")
+    for name, section in values.items():
+        if name in CONFIG_SECTIONS:
+            config.sections[name] = coerce_value(CONFIG_SECTIONS[name], section, name)
+    return config
+
+
 def apply_override(config: PipelineConfig, text: str) -> None:
-    """Set one field named by a dotted path, checking that the path exists (typos must not pass silently)."""
+    """Set one field named by a dotted path; the path must exist and the value must have the field's type."""
     path, value = parse_override(text)
     target: Any = config
+    if path[0] in config.sections:
+        target, path = config.sections[path[0]], path[1:]
+        text_prefix = [text.split(".", 1)[0]]
+    else:
+        text_prefix = []
     for depth, name in enumerate(path):
-        if not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
-            known = [f.name for f in dataclasses.fields(target)] if dataclasses.is_dataclass(target) else []
+        known = list(_field_types(target)) if dataclasses.is_dataclass(target) else []
+        if target is config:
+            known = [k for k in known if k != "sections"] + sorted(config.sections)
+        if name not in known:
             raise ValueError(
-                f"--set {text!r}: {'.'.join(path[: depth + 1])!r} is not a config field (known here: {known})"
+                f"--set {text!r}: {'.'.join(text_prefix + path[: depth + 1])!r} is not a config field "
+                f"(known here: {known})"
             )
         if depth == len(path) - 1:
-            current = getattr(target, name)
-            if isinstance(current, tuple) and isinstance(value, list):
-                value = tuple(value)
-            setattr(target, name, value)
+            try:
+                setattr(
+                    target,
+                    name,
+                    coerce_value(_field_types(target)[name], value, f"--set {'.'.join(text_prefix + path)}"),
+                )
+            except ValueError as error:
+                raise ValueError(f"{error} (from {text!r})") from None
         else:
             target = getattr(target, name)

@@ -1,28 +1,32 @@
-"""The stage framework: a registry of stage functions and the context object every stage receives.
+"""The stage framework: the :class:`Stage` base class, the stage registry and the context every stage gets.
 
-Adding a stage is one decorated function in a module under ``stages/``::
+A stage is inputs -> work -> outputs. It is one class in a module under ``stages/``::
 
-    @register_stage("train_rw", order=50, help="train AffinityNet on CAM-derived affinity labels")
-    def train_rw(ctx: StageContext) -> None:
-        out_dir = ctx.stage_dir("train_rw")
-        ...
-        ctx.update_results({"rw": {"miou": ...}})
+    @register_stage
+    class TrainRW(Stage):
+        name, order, help = "train_rw", 50, "train AffinityNet on CAM-derived affinity labels"
 
-plus an import line in ``stages/__init__.py``. Stages run in ``order``; each one reads what earlier stages
-left in
-the work directory and must be safe to rerun (skip finished work, resume unfinished work).
+        def preflight(self, ctx: StageContext) -> None:  # check inputs before any stage runs
+            ...
+
+        def run(self, ctx: StageContext) -> None:  # the work: read inputs, write outputs
+            output = ctx.output("train_rw", ctx.workdir / "train_rw", fingerprint)
+            ...
+
+plus an import line in ``stages/__init__.py``. Stages run in ``order``. A stage reads earlier stages' outputs
+only through the modules below ``stages/`` (``cams``, ``label_maps``, ``clip_setup``, ``training``) and the
+run-state protocol of ``runstate`` (is an output current, resume, sharding); stage modules never import each
+other. The run is described by ``ctx.config`` alone (see ``config.PipelineConfig``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -30,39 +34,44 @@ from .config import PipelineConfig
 from .data import SegmentationSource, build_source
 from .distributed import DistributedInfo, barrier
 from .files import update_results
+from .runstate import StageOutput
 
 
-@dataclass(frozen=True)
 class Stage:
-    name: str
-    order: float
-    help: str
-    run: Callable[[StageContext], None]
-    #: Checks the stage's inputs (e.g. ``ctx.validate_split(...)``); the preflights of all selected stages run
-    #: before the first stage starts, so a broken dataset stops the pipeline before any training.
-    preflight: Callable[[StageContext], None] | None = None
+    """One step of the pipeline. Subclasses set ``name``, ``order`` and ``help`` and override the hooks."""
+
+    name: ClassVar[str]
+    order: ClassVar[float]
+    help: ClassVar[str]
+
+    def preflight(self, ctx: StageContext) -> None:
+        """Check the stage's inputs; the preflights of all selected stages run before the first stage, so a
+        broken data set or a missing file stops the pipeline before any training."""
+
+    def run(self, ctx: StageContext) -> None:
+        """Read the inputs, do the work, write the outputs (reusing current ones)."""
+        raise NotImplementedError(f"stage {self.name!r} does not define run()")
 
 
 STAGES: dict[str, Stage] = {}
 
 
-def register_stage(
-    name: str, order: float, help: str, preflight: Callable[[StageContext], None] | None = None
-) -> Callable[[Callable[[StageContext], None]], Callable[[StageContext], None]]:
-    def decorator(function: Callable[[StageContext], None]) -> Callable[[StageContext], None]:
-        if name in STAGES:
-            raise ValueError(f"stage {name!r} is registered twice")
-        STAGES[name] = Stage(name=name, order=order, help=help, run=function, preflight=preflight)
-        return function
-
-    return decorator
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: make a stage known to the command line."""
+    for attribute in ("name", "order", "help"):
+        if not hasattr(cls, attribute):
+            raise TypeError(f"stage class {cls.__name__} must set {attribute!r}")
+    if cls.name in STAGES:
+        raise ValueError(f"stage {cls.name!r} is registered twice")
+    STAGES[cls.name] = cls()
+    return cls
 
 
 def ordered_stages(names: list[str]) -> list[Stage]:
     unknown = [name for name in names if name not in STAGES]
     if unknown:
         raise ValueError(
-            f"unknown stage(s) {unknown}; known stages: {list(sorted(STAGES, key=lambda n: STAGES[n].order))}"
+            f"unknown stage(s) {unknown}; known stages: {sorted(STAGES, key=lambda n: STAGES[n].order)}"
         )
     return sorted((STAGES[name] for name in dict.fromkeys(names)), key=lambda stage: stage.order)
 
@@ -112,19 +121,24 @@ class RunLogger:
 
 @dataclass
 class StageContext:
-    """What every stage gets: parsed arguments, resolved config, work directory, device and ranks."""
+    """What every stage gets: the run's config, work directory, device and ranks."""
 
-    args: argparse.Namespace
     config: PipelineConfig
     workdir: Path
     device: torch.device
     dist: DistributedInfo
-    seed: int = 0
-    amp: bool = False
     force: bool = False
     requested_stages: list[str] = field(default_factory=list)
     _loggers: dict[str, RunLogger] = field(default_factory=dict)
     _validated: dict[tuple[str, bool, bool], list[str]] = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def amp(self) -> bool:
+        return self.config.amp
 
     @property
     def results_path(self) -> Path:
@@ -141,12 +155,7 @@ class StageContext:
 
     @cached_property
     def source(self) -> SegmentationSource:
-        return build_source(
-            self.config.dataset,
-            getattr(self.args, "voc_root", None),
-            getattr(self.args, "coco_root", None),
-            self.cache_dir,
-        )
+        return build_source(self.config.dataset, self.config.data.root, self.cache_dir)
 
     def validate_split(self, split: str, need_masks: bool = False, need_labels: bool = False) -> list[str]:
         """The ids of a split after checking its list, images and masks or label sources (see
@@ -164,6 +173,10 @@ class StageContext:
         if not self.dist.is_main:
             labels = self.source.labels(split, self.cache_dir)
         return labels
+
+    def output(self, stage: str, directory: Path, fingerprint: dict[str, Any]) -> StageOutput:
+        """A stage output under the run-state protocol (see ``runstate``)."""
+        return StageOutput(stage, directory, fingerprint, self.dist, self.print, force=self.force)
 
     def logger(self, stage: str) -> RunLogger:
         if stage not in self._loggers:

@@ -426,3 +426,9 @@ def refine_cams_with_random_walk(
     walked = random_walk(pooled, transition_matrix(affinity, offsets, beta), 2**exponent)
     upsampled = F.interpolate(walked[None], size=padded.shape[-2:], mode="bilinear", align_corners=False)
     return upsampled[0, :, :height, :width]
+
+
+def build_affinity_net(backbone: str, weights: str) -> AffinityNet:
+    """AffinityNet on ``backbone`` ("resnet50": PSA's widths 64/128/256; otherwise the small widths 8/8/16)."""
+    widths = (64, 128, 256) if backbone == "resnet50" else (8, 8, 16)
+    return AffinityNet(backbone, weights, widths=widths)

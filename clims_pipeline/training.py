@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,16 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from .config import TrainConfig
-from .context import StageContext
+from .context import Stage, StageContext
 from .data import EpochIndexSampler, TrainCropDataset
 from .distributed import all_reduce_sum, barrier
 from .files import save_torch
 from .networks import CAMNet
+from .runstate import StageOutput, output_digest
 
 #: loss_fn(model, batch) -> (scalar loss, {name: scalar tensor} for logging)
 LossFunction = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -86,6 +88,25 @@ def optimizer_with_head_group(
     return optimizer, base_lrs
 
 
+@contextmanager
+def small_op_threads(ctx: StageContext, tiny_network: bool) -> Iterator[None]:
+    """One intra-op thread for per-image CPU inference of tiny networks, restored afterwards.
+
+    Images differ in size, so every image pays the CPU kernels' per-shape set-up, and the random walk is many
+    small operations: with threads this is spin-up overhead, not work (measured on a busy 2-core machine:
+    pair affinities of one VOC image 2 s with 2 threads, 0.01 s with 1). Full-size networks keep all threads.
+    """
+    if ctx.device.type != "cpu" or not tiny_network:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def autocast_context(device: torch.device, enabled: bool) -> torch.autocast:
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
@@ -106,23 +127,21 @@ def load_final_model(path: Path, model: nn.Module) -> dict[str, Any]:
 
 def train_network(
     ctx: StageContext,
-    stage: str,
+    output: StageOutput,
     model: CAMNet,
-    dataset: TrainCropDataset,
+    dataset: Dataset[dict[str, Any]],
     config: TrainConfig,
     loss_fn: LossFunction,
-    meta: dict[str, Any],
 ) -> Path:
-    """Train ``model`` on ``dataset``; return the path of the final ``model.pt`` (skip if it exists)."""
-    out_dir = ctx.stage_dir(stage)
-    final_path = out_dir / "model.pt"
-    checkpoint_path = out_dir / "checkpoint.pt"
-    if final_path.exists() and not ctx.force:
-        ctx.print(f"[{stage}] done already: {final_path} (use --force to retrain)")
-        return final_path
-    if ctx.force and ctx.dist.is_main:
-        checkpoint_path.unlink(missing_ok=True)
-    barrier()
+    """Train ``model`` on ``dataset`` into ``output`` (``model.pt``); resume from its ``checkpoint.pt``.
+
+    The caller has checked that the output is not current (``output.reuse``); a stale one is cleared here,
+    after the caller has built (and so checked) the model and the data."""
+    stage = output.stage
+    final_path = output.directory / "model.pt"
+    checkpoint_path = output.directory / "checkpoint.pt"
+    output.begin()
+    fingerprint = output.fingerprint
 
     world, rank = ctx.dist.world_size, ctx.dist.rank
     if config.batch_size % world:
@@ -155,7 +174,6 @@ def train_network(
 
     # The number of processes is not part of the fingerprint: the global batches, and so the optimisation, do
     # not depend on it, so a run may resume on another number of GPUs.
-    fingerprint = {"train": asdict(config), "seed": ctx.seed, **meta}
     start_epoch, step = 0, 0
     if checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
@@ -240,6 +258,7 @@ def train_network(
     if ctx.dist.is_main:
         save_torch(final_path, {"state_dict": model.state_dict(), "meta": {**fingerprint, "steps": step}})
         checkpoint_path.unlink(missing_ok=True)
+    output.complete(steps=step)
     logger.log("done", step=step)
     barrier()
     ctx.print(f"[{stage}] wrote {final_path}")
@@ -255,6 +274,61 @@ def _average_over_ranks(sums: dict[str, float], count: int, device: torch.device
 
 def check_training_data(ctx: StageContext) -> None:
     ctx.validate_split(ctx.config.data.train_split, need_labels=True)
+
+
+def data_fingerprint(ctx: StageContext) -> dict[str, Any]:
+    """What the training crops depend on: the data set, its root, the split and the crop settings."""
+    data = ctx.config.data
+    return {
+        "dataset": ctx.config.dataset,
+        "root": data.root,
+        "train_split": data.train_split,
+        "crop_size": data.crop_size,
+        "resize_long": list(data.resize_long),
+    }
+
+
+class TrainerStage(Stage):
+    """A stage that trains one network into ``<workdir>/<name>/model.pt`` with :func:`train_network`.
+
+    The base class owns the flow (reuse a current model, build, train, resume); a trainer overrides the
+    hooks: what its result depends on (``fingerprint``), its settings (``train_config``), its data, its
+    network and its loss.
+    """
+
+    def train_config(self, ctx: StageContext) -> TrainConfig:
+        raise NotImplementedError
+
+    def fingerprint(self, ctx: StageContext) -> dict[str, Any]:
+        """Everything the trained weights depend on besides ``train_config`` and the seed."""
+        raise NotImplementedError
+
+    def build_dataset(self, ctx: StageContext) -> Dataset[dict[str, Any]]:
+        return build_train_dataset(ctx)
+
+    def build_model(self, ctx: StageContext) -> nn.Module:
+        raise NotImplementedError
+
+    def loss_function(self, ctx: StageContext, model: nn.Module) -> LossFunction:
+        raise NotImplementedError
+
+    def output(self, ctx: StageContext) -> StageOutput:
+        fingerprint = {"train": asdict(self.train_config(ctx)), "seed": ctx.seed, **self.fingerprint(ctx)}
+        return ctx.output(self.name, ctx.workdir / self.name, fingerprint)
+
+    def run(self, ctx: StageContext) -> None:
+        output = self.output(ctx)
+        if output.reuse(output.directory / "model.pt"):
+            return
+        dataset = self.build_dataset(ctx)
+        model = self.build_model(ctx)
+        loss_fn = self.loss_function(ctx, model)
+        train_network(ctx, output, model, dataset, self.train_config(ctx), loss_fn)  # type: ignore[arg-type]
+
+
+def model_digest(ctx: StageContext, stage: str) -> str:
+    """The fingerprint digest of a stage's finished model (raises, naming the stage, when there is none)."""
+    return output_digest(ctx.workdir / stage, stage)
 
 
 def build_train_dataset(ctx: StageContext) -> TrainCropDataset:

@@ -10,7 +10,7 @@ import torch
 
 # isort: split
 from clims_pipeline.networks import CAMNet, CLIMSNet, ResNet50Backbone, build_network
-from clims_pipeline.stages.make_cam import multiscale_cams, normalise_by_max, same_size_batches
+from clims_pipeline.cams import multiscale_cams, normalise_by_max, same_size_batches
 
 
 def test_resnet50_backbone_has_output_stride_16_frozen_stem_and_frozen_statistics(tmp_path: Path) -> None:

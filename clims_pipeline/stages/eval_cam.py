@@ -16,44 +16,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..context import StageContext, register_stage
+from ..cams import cam_directory, foreground_prediction, load_cam_file, resolve_cam_source
+from ..context import Stage, StageContext, register_stage
 from ..data import VOID_LABEL, DatasetError
 from ..distributed import all_reduce_sum
 from ..files import atomic_write, save_png
+from ..label_maps import per_class
 from ..metrics import ThresholdSweep, format_iou_table, iou_from_confusion, mean_iou
 from ..visualize import cam_overlay_panel
-from .make_cam import cam_directory, resolve_cam_source
 
 RESULT_KEYS = {"train_clims": "cam", "train_cam": "cam_baseline"}
 
 
-def load_cam_file(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing CAM file {path}: run make_cam (with the same --eval-split) first")
-    return np.load(path, allow_pickle=True).item()
+@register_stage
+class EvalCam(Stage):
+    name, order, help = (
+        "eval_cam",
+        40,
+        "CAM mIoU with a background-threshold sweep, per-class table, overlays",
+    )
+
+    def preflight(self, ctx: StageContext) -> None:
+        ctx.validate_split(ctx.config.data.eval_split, need_masks=True)
+
+    def run(self, ctx: StageContext) -> None:
+        evaluate_cams(ctx)
 
 
-def foreground_prediction(cam: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(arg-max class in 1..K, its score) per pixel of the full-resolution maps; class 0 / score 0 when the
-    image has no positive class."""
-    maps = cam["high_res"]
-    if len(cam["keys"]) == 0:
-        return np.zeros(maps.shape[1:], dtype=np.int64), np.zeros(maps.shape[1:], dtype=np.float32)
-    winner = maps.argmax(axis=0)
-    return np.asarray(cam["keys"], dtype=np.int64)[winner] + 1, maps.max(axis=0)
-
-
-def check_eval_inputs(ctx: StageContext) -> None:
-    ctx.validate_split(ctx.config.data.eval_split, need_masks=True)
-
-
-@register_stage(
-    "eval_cam",
-    order=40,
-    help="CAM mIoU with a background-threshold sweep, per-class table, overlays",
-    preflight=check_eval_inputs,
-)
-def run(ctx: StageContext) -> None:
+def evaluate_cams(ctx: StageContext) -> None:
     config = ctx.config.eval_cam
     source = resolve_cam_source(ctx)
     cam_dir = cam_directory(ctx, source)
@@ -90,10 +80,7 @@ def run(ctx: StageContext) -> None:
     result = {
         "miou": round(100 * mean_iou(iou), 2),
         "threshold": float(thresholds[best]),
-        "per_class": {
-            name: (None if np.isnan(value) else round(100 * float(value), 2))
-            for name, value in zip(class_names, iou, strict=True)
-        },
+        "per_class": per_class(class_names, iou),
         "miou_at_reference_threshold": round(100 * float(curve[reference]), 2),
         "reference_threshold": float(thresholds[reference]),
         "miou_by_threshold": {

@@ -17,16 +17,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..context import StageContext, register_stage
+from ..context import Stage, StageContext, register_stage
 from ..crf import DEEPLAB_CRF, dense_crf, require_densecrf
 from ..data import DatasetError, normalize_image
 from ..deeplab import MSC, build_deeplab, multiscale_probabilities
 from ..distributed import barrier
 from ..files import atomic_write, save_png
+from ..label_maps import palette_image, per_class, segmentation_confusion
 from ..metrics import format_iou_table, iou_from_confusion, mean_iou
-from ..training import autocast_context, final_model_path, load_final_model
-from .make_rw import per_class, segmentation_confusion, small_op_threads
-from .train_aff import palette_image
+from ..runstate import StageOutput
+from ..training import autocast_context, final_model_path, load_final_model, model_digest, small_op_threads
 
 SUBMISSION_SUBDIR = Path("submission") / "results" / "VOC2012" / "Segmentation" / "comp6_test_cls"
 
@@ -50,20 +50,25 @@ def load_segmentation_network(ctx: StageContext) -> MSC:
 
 
 def predict(
-    ctx: StageContext, model: MSC, image_ids: list[str], out_dir: Path, crf_dir: Path | None, desc: str
-) -> None:
-    """Write the prediction (and the CRF-refined one) of every image that has none yet; sharded over ranks."""
+    ctx: StageContext, model: MSC, output: StageOutput, image_ids: list[str], split: str, crf: bool
+) -> tuple[Path, Path | None]:
+    """Write the prediction (and the CRF-refined one) of every image of ``split`` that has none yet, sharded
+    over ranks; return the two directories."""
+    out_dir = output.directory / split
+    crf_dir = output.directory / f"{split}_crf" if crf else None
     todo = [
         i
         for i in image_ids
         if not (out_dir / f"{i}.png").exists()
         or (crf_dir is not None and not (crf_dir / f"{i}.png").exists())
     ]
-    shard = todo[ctx.dist.rank :: ctx.dist.world_size]
     with small_op_threads(ctx, ctx.config.train_seg.backbone == "tiny"):
-        for image_id in tqdm(shard, desc=desc, disable=not ctx.dist.is_main, dynamic_ncols=True):
+        for image_id in tqdm(
+            output.share(todo), desc=f"eval_seg {split}", disable=not ctx.dist.is_main, dynamic_ncols=True
+        ):
             predict_one(ctx, model, image_id, out_dir, crf_dir)
     barrier()
+    return out_dir, crf_dir
 
 
 def predict_one(ctx: StageContext, model: MSC, image_id: str, out_dir: Path, crf_dir: Path | None) -> None:
@@ -79,32 +84,40 @@ def predict_one(ctx: StageContext, model: MSC, image_id: str, out_dir: Path, crf
         save_png(crf_dir / f"{image_id}.png", palette_image(refined.argmax(axis=0).astype(np.uint8)))
 
 
-def check_inputs(ctx: StageContext) -> None:
-    ctx.validate_split(ctx.config.eval_seg.split, need_masks=True)
-    if ctx.config.eval_seg.crf:
-        require_densecrf()
-    if not final_model_path(ctx, "train_seg").exists() and "train_seg" not in ctx.requested_stages:
-        raise FileNotFoundError(f"eval_seg reads {final_model_path(ctx, 'train_seg')}: run train_seg first")
+@register_stage
+class EvalSeg(Stage):
+    name, order = "eval_seg", 80
+    help = "DeepLabV2 mIoU on val (multi-scale + flip, optional CRF), per-class table, test predictions"
+
+    def preflight(self, ctx: StageContext) -> None:
+        ctx.validate_split(ctx.config.eval_seg.split, need_masks=True)
+        if ctx.config.eval_seg.crf:
+            require_densecrf()
+        if not final_model_path(ctx, "train_seg").exists() and "train_seg" not in ctx.requested_stages:
+            raise FileNotFoundError(
+                f"eval_seg reads {final_model_path(ctx, 'train_seg')}: run train_seg first"
+            )
+
+    def run(self, ctx: StageContext) -> None:
+        evaluate_segmentation(ctx)
 
 
-@register_stage(
-    "eval_seg",
-    order=80,
-    help="DeepLabV2 mIoU on val (multi-scale + flip, optional CRF), per-class table, test predictions",
-    preflight=check_inputs,
-)
-def run(ctx: StageContext) -> None:
+def evaluate_segmentation(ctx: StageContext) -> None:
     config = ctx.config.eval_seg
     stage_dir = ctx.stage_dir("eval_seg")
-    model_path = final_model_path(ctx, "train_seg")
-    # Predictions of an older model must not be reused: they live under the model's modification time.
-    version = f"model-{model_path.stat().st_mtime_ns}"
+    fingerprint = {
+        "model": model_digest(ctx, "train_seg"),
+        "scales": list(config.scales),
+        "flip": config.flip,
+        "crf": DEEPLAB_CRF.as_dict() if config.crf else None,
+    }
+    # Predictions of another model or other settings are never reused; those of this one are (resume).
+    output = ctx.output("eval_seg", stage_dir / "predictions", fingerprint)
     split = config.split
     image_ids = ctx.validate_split(split, need_masks=True)
-    out_dir = stage_dir / version / split
-    crf_dir = stage_dir / version / f"{split}_crf" if config.crf else None
     model = load_segmentation_network(ctx)
-    predict(ctx, model, image_ids, out_dir, crf_dir, f"eval_seg {split}")
+    output.begin()
+    out_dir, crf_dir = predict(ctx, model, output, image_ids, split, config.crf)
 
     class_names = ("background", *ctx.source.class_names)
     iou_plain = iou_from_confusion(segmentation_confusion(ctx, image_ids, out_dir, len(class_names)))
@@ -135,9 +148,7 @@ def run(ctx: StageContext) -> None:
 
     test_ids = test_image_ids(ctx)
     if test_ids:
-        test_dir = stage_dir / version / config.test_split
-        test_crf_dir = stage_dir / version / f"{config.test_split}_crf" if config.crf else None
-        predict(ctx, model, test_ids, test_dir, test_crf_dir, f"eval_seg {config.test_split}")
+        test_dir, test_crf_dir = predict(ctx, model, output, test_ids, config.test_split, config.crf)
         submission = stage_dir / SUBMISSION_SUBDIR
         if ctx.dist.is_main:
             chosen = test_crf_dir if test_crf_dir is not None else test_dir
@@ -149,6 +160,7 @@ def run(ctx: StageContext) -> None:
             "images": len(test_ids),
             "dir": str(submission),
         }
+    output.complete(split=split, images=len(image_ids))
     ctx.update_results({"seg": result})
     summary = (
         f"seg (DeepLabV2, {ctx.config.train_seg.backbone}, init {ctx.config.train_seg.weights}) on "

@@ -9,9 +9,6 @@ The mIoU on the evaluation split goes to ``results.json`` under ``rw`` with ever
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,40 +16,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..context import StageContext, register_stage
-from ..crf import PSA_CRF, dense_crf
-from ..data import VOID_LABEL, DatasetError, normalize_image
-from ..distributed import all_reduce_sum, barrier, broadcast_object
-from ..files import atomic_write, read_json, save_png, write_json
-from ..metrics import confusion_matrix, format_iou_table, iou_from_confusion, mean_iou
-from ..random_walk import background_scores, pad_to_stride, refine_cams_with_random_walk
-from ..training import autocast_context, final_model_path, load_final_model
-from .eval_cam import load_cam_file
-from .make_cam import cam_directory, resolve_cam_source
-from .train_aff import build_affinity_net, cam_fingerprint, check_crf, palette_image, read_label_png
-
-
-@contextmanager
-def small_op_threads(ctx: StageContext, tiny_network: bool) -> Iterator[None]:
-    """One intra-op thread for per-image CPU inference of tiny networks, restored afterwards.
-
-    Images differ in size, so every image pays the CPU kernels' per-shape set-up, and the random walk is many
-    small operations: with threads this is spin-up overhead, not work (measured on a busy 2-core machine:
-    pair affinities of one VOC image 2 s with 2 threads, 0.01 s with 1). Full-size networks keep all threads.
-    """
-    if ctx.device.type != "cpu" or not tiny_network:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def mask_directory(ctx: StageContext) -> Path:
-    return ctx.workdir / "make_rw" / "masks"
+from ..cams import cam_digest, cam_directory, load_cam_file, resolve_cam_source
+from ..context import Stage, StageContext, register_stage
+from ..crf import PSA_CRF, dense_crf, require_densecrf
+from ..data import normalize_image
+from ..files import atomic_write, save_png
+from ..label_maps import palette_image, per_class, pseudo_mask_directory, segmentation_confusion
+from ..metrics import format_iou_table, iou_from_confusion, mean_iou
+from ..random_walk import background_scores, build_affinity_net, pad_to_stride, refine_cams_with_random_walk
+from ..training import autocast_context, final_model_path, load_final_model, model_digest, small_op_threads
 
 
 def rw_image_ids(ctx: StageContext) -> list[str]:
@@ -60,30 +32,6 @@ def rw_image_ids(ctx: StageContext) -> list[str]:
     for split in dict.fromkeys([ctx.config.data.train_split, ctx.config.data.eval_split]):
         ids.update(dict.fromkeys(ctx.validate_split(split, need_labels=True)))
     return list(ids)
-
-
-def segmentation_confusion(
-    ctx: StageContext, image_ids: list[str], prediction_dir: Path, num_labels: int
-) -> np.ndarray:
-    """Confusion matrix of saved label PNGs against the ground truth, summed over ranks."""
-    confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
-    for image_id in image_ids[ctx.dist.rank :: ctx.dist.world_size]:
-        ground_truth = ctx.source.load_mask(image_id)
-        prediction = read_label_png(prediction_dir / f"{image_id}.png")
-        if prediction.shape != ground_truth.shape:
-            raise DatasetError(
-                f"prediction {prediction_dir / image_id}.png is {prediction.shape} but mask "
-                f"{ctx.source.mask_path(image_id)} is {ground_truth.shape}"
-            )
-        confusion += confusion_matrix(ground_truth, prediction, num_labels, VOID_LABEL)
-    return all_reduce_sum(torch.from_numpy(confusion)).numpy()
-
-
-def per_class(class_names: tuple[str, ...], iou: np.ndarray) -> dict[str, float | None]:
-    return {
-        name: (None if np.isnan(value) else round(100 * float(value), 2))
-        for name, value in zip(class_names, iou, strict=True)
-    }
 
 
 def write_pseudo_mask(
@@ -108,67 +56,60 @@ def write_pseudo_mask(
     save_png(out_dir / f"{image_id}.png", palette_image(labels))
 
 
-def check_inputs(ctx: StageContext) -> None:
-    rw_image_ids(ctx)
-    ctx.validate_split(ctx.config.data.eval_split, need_masks=True)
-    check_crf(ctx.config.make_rw.crf)
-    if not final_model_path(ctx, "train_aff").exists() and "train_aff" not in ctx.requested_stages:
-        raise FileNotFoundError(f"make_rw reads {final_model_path(ctx, 'train_aff')}: run train_aff first")
+@register_stage
+class MakeRW(Stage):
+    name, order = "make_rw", 60
+    help = "random walk with AffinityNet's affinities: pseudo masks (palette PNG) and their mIoU (+RW)"
+
+    def preflight(self, ctx: StageContext) -> None:
+        rw_image_ids(ctx)
+        ctx.validate_split(ctx.config.data.eval_split, need_masks=True)
+        if ctx.config.make_rw.crf:
+            require_densecrf()
+        if not final_model_path(ctx, "train_aff").exists() and "train_aff" not in ctx.requested_stages:
+            raise FileNotFoundError(
+                f"make_rw reads {final_model_path(ctx, 'train_aff')}: run train_aff first"
+            )
+
+    def run(self, ctx: StageContext) -> None:
+        walk_and_evaluate(ctx)
 
 
-@register_stage(
-    "make_rw",
-    order=60,
-    help="random walk with AffinityNet's affinities: pseudo masks (palette PNG) and their mIoU (+RW)",
-    preflight=check_inputs,
-)
-def run(ctx: StageContext) -> None:
+def walk_and_evaluate(ctx: StageContext) -> None:
     config = ctx.config.make_rw
-    out_dir = mask_directory(ctx)
-    model_path = final_model_path(ctx, "train_aff")
     source = resolve_cam_source(ctx)
     cam_dir = cam_directory(ctx, source)
     image_ids = rw_image_ids(ctx)
-    stat = model_path.stat()
     fingerprint: dict[str, Any] = {
-        "model": str(model_path),
-        "model_size": stat.st_size,
-        "model_mtime_ns": stat.st_mtime_ns,
-        "cams": cam_fingerprint(ctx),
+        "model": model_digest(ctx, "train_aff"),
+        "cams": cam_digest(ctx),
         "beta": config.beta,
         "exponent": config.exponent,
         "background_power": config.background_power,
         "radius": config.radius,
         "crf": PSA_CRF.as_dict() if config.crf else None,
     }
-    meta_path = ctx.workdir / "make_rw" / "meta.json"
-    if ctx.dist.is_main:
-        stale = meta_path.exists() and read_json(meta_path).get("fingerprint") != fingerprint
-        if (stale or ctx.force) and out_dir.exists():
-            shutil.rmtree(out_dir)
-        write_json(meta_path, {"fingerprint": fingerprint, "complete": False})
-    barrier()
-
-    todo = [image_id for image_id in image_ids if not (out_dir / f"{image_id}.png").exists()]
-    ctx.print(f"[make_rw] {len(image_ids) - len(todo)} of {len(image_ids)} pseudo masks done already")
-    model = build_affinity_net(ctx.config.train_aff, "none")
-    load_final_model(model_path, model)
+    output = ctx.output("make_rw", pseudo_mask_directory(ctx), fingerprint)
+    model = build_affinity_net(ctx.config.train_aff.backbone, "none")
+    load_final_model(final_model_path(ctx, "train_aff"), model)
     model.to(ctx.device).eval()
-    shard = todo[ctx.dist.rank :: ctx.dist.world_size]
+    output.begin()
+
+    def path_of(image_id: str) -> Path:
+        return output.directory / f"{image_id}.png"
+
+    todo = output.todo(image_ids, path_of)
     with small_op_threads(ctx, ctx.config.train_aff.backbone == "tiny"):
-        for image_id in tqdm(shard, desc="make_rw", disable=not ctx.dist.is_main, dynamic_ncols=True):
-            write_pseudo_mask(ctx, model, cam_dir, out_dir, image_id)
-    barrier()
-    missing = broadcast_object(
-        [i for i in image_ids if not (out_dir / f"{i}.png").exists()] if ctx.dist.is_main else None
-    )
-    if missing:
-        raise RuntimeError(f"make_rw: {len(missing)} pseudo masks missing, e.g. {out_dir / missing[0]}.png")
+        for image_id in tqdm(
+            output.share(todo), desc="make_rw", disable=not ctx.dist.is_main, dynamic_ncols=True
+        ):
+            write_pseudo_mask(ctx, model, cam_dir, output.directory, image_id)
+    output.finish_files(image_ids, path_of)
 
     split = ctx.config.data.eval_split
     eval_ids = ctx.validate_split(split, need_masks=True)
     class_names = ("background", *ctx.source.class_names)
-    iou = iou_from_confusion(segmentation_confusion(ctx, eval_ids, out_dir, len(class_names)))
+    iou = iou_from_confusion(segmentation_confusion(ctx, eval_ids, output.directory, len(class_names)))
     result = {
         "miou": round(100 * mean_iou(iou), 2),
         "per_class": per_class(class_names, iou),
@@ -199,6 +140,5 @@ def run(ctx: StageContext) -> None:
         atomic_write(
             ctx.workdir / "make_rw" / "rw_table.md", lambda file: file.write((table + "\n").encode())
         )
-        write_json(meta_path, {"fingerprint": fingerprint, "complete": True, "images": len(image_ids)})
     ctx.logger("make_rw").log("done", miou=result["miou"], images=len(image_ids), inferred=len(todo))
     ctx.print(table)

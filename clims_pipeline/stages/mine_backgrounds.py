@@ -11,14 +11,11 @@ It encodes the training split's images with the CLIP that ``train_clims`` uses (
 
 A summary goes to ``results.json`` under ``mined_backgrounds``. Under ``torchrun`` only rank 0 mines (one
 forward pass over the split, cheap next to training); the other ranks wait at a barrier.
-
-The stage also resolves ``--backgrounds`` for ``train_clims`` (:func:`resolve_backgrounds`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -30,10 +27,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..context import StageContext, register_stage
+import clims_loss as cl
+from clims_loss.clip_loading import clip_input_size, clip_normalization
+
+from ..clip_setup import base_registry, load_clip, resolve_clip_pretrained
+from ..context import Stage, StageContext, register_stage
 from ..data import SegmentationSource, multi_hot
 from ..distributed import barrier
-from ..files import atomic_write, read_json, write_json
+from ..files import atomic_write, write_json
+from ..runstate import describe_changes
 from ..training import check_training_data
 
 STAGE = "mine_backgrounds"
@@ -42,31 +44,6 @@ TABLE_FILE = "mined_backgrounds.md"
 SCORES_FILE = "scores.json"
 #: How many terms per class the markdown table shows (the registry keeps at most ``top_l``).
 TABLE_ROWS = 5
-#: The registry fields that ``--backgrounds FILE`` takes from the file; the variant defines all others.
-BACKGROUND_FIELDS = ("class_backgrounds", "global_backgrounds", "background_template", "background_scores")
-
-
-def mined_path(ctx: StageContext) -> Path:
-    return ctx.workdir / STAGE / MINED_FILE
-
-
-def base_registry(ctx: StageContext) -> Any:
-    """The variant's registry: a library preset, or the toy world's prompts (not a library preset)."""
-    import clims_loss as cl
-
-    if ctx.config.train_clims.prompts == "toy":
-        from ..toy.experiment import toy_registry
-
-        return toy_registry()
-    return cl.BackgroundPromptRegistry.preset(ctx.config.train_clims.prompts)
-
-
-def resolved_clip_pretrained(ctx: StageContext) -> str | None:
-    """``--clip-pretrained`` as train_clims resolves it (``train_clip``: the file that stage wrote)."""
-    from .train_clip import resolve_clip_pretrained
-
-    value = resolve_clip_pretrained(ctx)
-    return None if value in ("", "none", None) else value
 
 
 def read_vocabulary(path: str) -> list[str]:
@@ -82,8 +59,6 @@ def read_vocabulary(path: str) -> list[str]:
 
 
 def vocabulary(ctx: StageContext) -> list[str]:
-    import clims_loss as cl
-
     path = ctx.config.mine_backgrounds.vocabulary
     return read_vocabulary(path) if path else list(cl.DEFAULT_BACKGROUND_VOCABULARY)
 
@@ -127,7 +102,7 @@ def _settings(ctx: StageContext, terms: list[str]) -> dict[str, Any]:
     clims = ctx.config.train_clims
     return {
         "clip": clims.clip,
-        "clip_pretrained": resolved_clip_pretrained(ctx),
+        "clip_pretrained": resolve_clip_pretrained(ctx),
         "prompts": clims.prompts,
         "dataset": ctx.config.dataset,
         "train_split": ctx.config.data.train_split,
@@ -169,17 +144,8 @@ def _clip_batches(loader: DataLoader[torch.Tensor], enabled: bool) -> Iterator[t
 
 
 def _mine(ctx: StageContext, image_ids: list[str], labels: dict[str, list[int]], terms: list[str]) -> Any:
-    import clims_loss as cl
-    from clims_loss.clip_loading import clip_input_size, clip_normalization
-
-    from ..clip_training import register_model_configs
-    from .train_clims import register_clip_configs
-
-    clims, mining = ctx.config.train_clims, ctx.config.mine_backgrounds
-    register_model_configs()  # the toy world's tiny CLIP
-    register_clip_configs(getattr(ctx.args, "clip_config", None))
-    torch.manual_seed(ctx.seed)  # random CLIP weights (tests) are the ones train_clims builds
-    clip_model, tokenizer = cl.load_open_clip(clims.clip, resolved_clip_pretrained(ctx), device=ctx.device)
+    mining = ctx.config.mine_backgrounds
+    clip_model, tokenizer = load_clip(ctx)  # random CLIP weights (tests) are the ones train_clims builds
     clip_model.eval()
     size = clip_input_size(clip_model)
     mean, std = clip_normalization(clip_model, (cl.CLIP_MEAN, cl.CLIP_STD))
@@ -206,31 +172,36 @@ def _mine(ctx: StageContext, image_ids: list[str], labels: dict[str, list[int]],
     )
 
 
-def preflight(ctx: StageContext) -> None:
-    check_training_data(ctx)
-    vocabulary(ctx)
+@register_stage
+class MineBackgrounds(Stage):
+    name, order = STAGE, 15
+    help = "rank each class's co-occurring background terms with CLIP (for train_clims --backgrounds mined)"
+
+    def preflight(self, ctx: StageContext) -> None:
+        check_training_data(ctx)
+        vocabulary(ctx)
+
+    def run(self, ctx: StageContext) -> None:
+        mine(ctx)
 
 
-@register_stage(
-    STAGE,
-    order=15,
-    help="rank each class's co-occurring background terms with CLIP (for train_clims --backgrounds mined)",
-    preflight=preflight,
-)
-def run(ctx: StageContext) -> None:
-    out_dir = ctx.stage_dir(STAGE)
-    out_path, scores_path = out_dir / MINED_FILE, out_dir / SCORES_FILE
+def mine(ctx: StageContext) -> None:
     terms = vocabulary(ctx)
     settings = _settings(ctx, terms)
+    output = ctx.output(STAGE, ctx.workdir / STAGE, settings)
+    out_dir = output.directory
+    out_path, scores_path = out_dir / MINED_FILE, out_dir / SCORES_FILE
     if out_path.exists() and not ctx.force:
-        written = read_json(scores_path)["settings"] if scores_path.exists() else None
-        if written is not None and written != settings:
+        changes = output.changes()
+        if changes:
+            # The mined file is meant to be edited: never overwrite it without --force.
             raise RuntimeError(
-                f"{out_path} was mined with other settings ({written}); rerun with --force to mine it "
-                f"again (this overwrites edits to it) or use another --workdir"
+                f"{out_path} was mined with other settings ({describe_changes(changes)} changed); rerun with "
+                f"--force to mine it again (this overwrites edits to it) or use another --workdir"
             )
         ctx.print(f"[{STAGE}] done already: {out_path} (use --force to mine again; edits are kept)")
         return
+    output.begin()
 
     split = ctx.config.data.train_split
     image_ids = _select_ids(
@@ -275,74 +246,5 @@ def run(ctx: StageContext) -> None:
             )
             ctx.print(f"[{STAGE}] {class_name}: " + (", ".join(f"{t} ({s:.4f})" for t, s in kept) or "-"))
         ctx.print(f"[{STAGE}] wrote {out_path} ({len(image_ids)} images, {len(terms)} terms)")
+    output.complete(images=len(image_ids))
     barrier()
-
-
-# ------------------------------------------------------------------------------------- --backgrounds
-
-
-def resolve_backgrounds(ctx: StageContext, *, must_exist: bool = True) -> tuple[Any, dict[str, Any]]:
-    """The registry ``train_clims`` uses and its identity (part of the checkpoint fingerprint).
-
-    ``preset``: the variant's registry. ``mined``: ``<workdir>/mine_backgrounds/mined_backgrounds.json``.
-    Anything else: a registry JSON file. From a file only the background fields (:data:`BACKGROUND_FIELDS`)
-    are taken; class names must match the variant's, whose templates, weights and CBS settings stay.
-    With ``must_exist=False`` a missing mined file (still to be written by an earlier stage of this run)
-    returns ``(None, {})``.
-    """
-    import clims_loss as cl
-
-    choice = ctx.config.train_clims.backgrounds or "preset"
-    base = base_registry(ctx)
-    if choice == "preset":
-        # "toy" is the identity toy-world runs were first written with; kept so that they still resume.
-        return base, {"backgrounds": "toy" if ctx.config.train_clims.prompts == "toy" else "preset"}
-    if choice == "mined":
-        path = mined_path(ctx)
-        if not path.is_file():
-            if not must_exist:
-                return None, {}
-            raise FileNotFoundError(
-                f"--backgrounds mined: missing {path}; run the {STAGE} stage first "
-                f"(e.g. --stages {STAGE},train_clims), or pass a registry JSON file"
-            )
-    else:
-        path = Path(choice).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"--backgrounds: {choice!r} is neither 'preset', 'mined' nor an existing registry JSON file"
-            )
-    try:
-        loaded = cl.BackgroundPromptRegistry.from_json(path)
-    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
-        raise ValueError(f"--backgrounds: {path} is not a valid registry JSON: {error}") from error
-    if tuple(loaded.class_names) != tuple(base.class_names):
-        raise ValueError(
-            f"--backgrounds: {path} has classes {list(loaded.class_names)}, the variant's prompt preset "
-            f"{base.name!r} has {list(base.class_names)}"
-        )
-    registry = base.replace(name=loaded.name, **{name: getattr(loaded, name) for name in BACKGROUND_FIELDS})
-    if registry.weights.cbs != 0 and not registry.uses_cbs:
-        raise ValueError(
-            f"--backgrounds: {path} holds no background terms but the CBS weight is {registry.weights.cbs}; "
-            f"add terms to it (or mine with a lower --mine-margin)"
-        )
-    used = {name: registry.to_dict()[name] for name in BACKGROUND_FIELDS}
-    digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode("utf-8")).hexdigest()
-    return registry, {"backgrounds": choice, "file": str(path.resolve()), "sha256": digest}
-
-
-def preflight_backgrounds(ctx: StageContext) -> None:
-    """Fail before any training when ``--backgrounds`` names a missing or invalid file."""
-    resolve_backgrounds(ctx, must_exist=STAGE not in ctx.requested_stages)
-
-
-def check_finished_model(ctx: StageContext, model_path: Path, identity: dict[str, Any]) -> None:
-    """A finished ``train_clims`` model trained with other backgrounds must not be reused silently."""
-    payload = torch.load(model_path, map_location="cpu", weights_only=False)
-    trained_with = payload.get("meta", {}).get("backgrounds", {"backgrounds": "preset"})
-    if trained_with != identity:
-        raise RuntimeError(
-            f"{model_path} was trained with backgrounds {trained_with}, this run asks for {identity}; "
-            f"rerun with --force to retrain train_clims, or use another --workdir"
-        )

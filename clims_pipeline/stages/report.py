@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..context import StageContext, register_stage
+from ..config import PRESET_CAVEATS
+from ..context import Stage, StageContext, register_stage
 from ..files import atomic_write, read_json
 
 #: CLIMS (CVPR 2022, camera-ready) on PASCAL VOC 2012: Table 1 (train split) and Table 2 (val, ImageNet init).
@@ -73,18 +74,15 @@ def render_results_markdown(results: dict[str, Any], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-#: What the numbers of each preset can be compared with.
-PRESET_CAVEATS: dict[str, str] = {
-    "smoke": "The `smoke` preset uses tiny networks: a plumbing check, not a reproduction; only the `full` "
-    "preset is comparable with the paper.",
-    "toy": "The `toy` preset runs small networks on the procedural toy world (docs/toyworld.md): its numbers "
-    "are not comparable with the paper's VOC figures beside them.",
-    "full": "The `full` preset is the paper's configuration: comparable with the paper's figures.",
-}
+@register_stage
+class Report(Stage):
+    name, order, help = "report", 90, "results.md: every stage's mIoU beside the paper's, with settings"
+
+    def run(self, ctx: StageContext) -> None:
+        write_report(ctx)
 
 
-@register_stage("report", order=90, help="results.md: every stage's mIoU beside the paper's, with settings")
-def run(ctx: StageContext) -> None:
+def write_report(ctx: StageContext) -> None:
     if not ctx.dist.is_main:
         return
     results = read_json(ctx.results_path) if ctx.results_path.exists() else {}
@@ -92,7 +90,11 @@ def run(ctx: StageContext) -> None:
     header = (
         f"Dataset {config.dataset}, preset `{config.preset}`, variant `{config.variant}`, training split "
         f"`{config.data.train_split}`, {ctx.dist.world_size} process(es) on {ctx.device}. "
-        + PRESET_CAVEATS.get(config.preset, "")
+        + PRESET_CAVEATS.get(
+            config.preset,
+            f"The `{config.preset}` preset is not the paper's configuration: its numbers are not comparable with "
+            "the paper's VOC figures beside them.",
+        )
     )
     text = render_results_markdown(results, header)
     path = ctx.workdir / "results.md"

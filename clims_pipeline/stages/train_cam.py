@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import TrainConfig
 from ..context import StageContext, register_stage
 from ..networks import build_network
-from ..training import build_train_dataset, check_training_data, train_network
+from ..training import LossFunction, TrainerStage, check_training_data, data_fingerprint
 
 
 def multilabel_loss(
@@ -18,21 +22,23 @@ def multilabel_loss(
     return F.multilabel_soft_margin_loss(logits.float(), batch["label"]), {}
 
 
-@register_stage(
-    "train_cam",
-    order=10,
-    help="train the baseline CAM network (GAP + multilabel soft-margin loss)",
-    preflight=check_training_data,
-)
-def run(ctx: StageContext) -> None:
-    dataset = build_train_dataset(ctx)
-    network_config = ctx.config.network
-    torch.manual_seed(ctx.seed)  # the same classifier init on every rank and on every rerun
-    model = build_network("cam", network_config.backbone, network_config.weights, ctx.source.num_classes)
-    meta = {
-        "network": {"backbone": network_config.backbone, "weights": network_config.weights},
-        "dataset": ctx.config.dataset,
-        "train_split": ctx.config.data.train_split,
-        "crop_size": ctx.config.data.crop_size,
-    }
-    train_network(ctx, "train_cam", model, dataset, ctx.config.train_cam, multilabel_loss, meta)
+@register_stage
+class TrainCam(TrainerStage):
+    name, order, help = "train_cam", 10, "train the baseline CAM network (GAP + multilabel soft-margin loss)"
+
+    def preflight(self, ctx: StageContext) -> None:
+        check_training_data(ctx)
+
+    def train_config(self, ctx: StageContext) -> TrainConfig:
+        return ctx.config.train_cam
+
+    def fingerprint(self, ctx: StageContext) -> dict[str, Any]:
+        return {"network": asdict(ctx.config.network), "data": data_fingerprint(ctx)}
+
+    def build_model(self, ctx: StageContext) -> nn.Module:
+        torch.manual_seed(ctx.seed)  # the same classifier init on every rank and on every rerun
+        network = ctx.config.network
+        return build_network("cam", network.backbone, network.weights, ctx.source.num_classes)
+
+    def loss_function(self, ctx: StageContext, model: nn.Module) -> LossFunction:
+        return multilabel_loss

@@ -19,16 +19,16 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..config import TrainSegConfig
+from ..config import TrainConfig, TrainSegConfig
 from ..context import StageContext, register_stage
 from ..data import SegmentationSource
 from ..deeplab import build_deeplab, msc_loss
-from ..training import final_model_path, train_network
-from .make_rw import mask_directory
-from .train_aff import crop_image_and_labels, read_label_png
+from ..label_maps import crop_image_and_labels, pseudo_mask_directory, read_label_png
+from ..runstate import output_digest
+from ..training import LossFunction, TrainerStage
 
 
-class SegmentationCropDataset(Dataset):
+class SegmentationCropDataset(Dataset[dict[str, Any]]):
     """Random-scale, flip and crop of (image, mask) pairs, indexed by ``(epoch, index)``."""
 
     def __init__(
@@ -71,61 +71,67 @@ class SegmentationCropDataset(Dataset):
 def training_masks(ctx: StageContext) -> Path | None:
     source = ctx.config.train_seg.mask_source
     if source == "make_rw":
-        return mask_directory(ctx)
+        return pseudo_mask_directory(ctx)
     if source == "ground_truth":
         return None
     raise ValueError(f"expected train_seg.mask_source 'make_rw' or 'ground_truth', got {source!r}")
 
 
-def check_inputs(ctx: StageContext) -> None:
-    ctx.validate_split(ctx.config.data.train_split)
-    mask_dir = training_masks(ctx)
-    if mask_dir is not None and not mask_dir.is_dir() and "make_rw" not in ctx.requested_stages:
-        raise FileNotFoundError(f"train_seg reads the pseudo masks in {mask_dir}: run make_rw first")
+@register_stage
+class TrainSeg(TrainerStage):
+    name, order = "train_seg", 70
+    help = "DeepLabV2-ResNet-101 (ASPP, MSC) on the pseudo masks, deeplab-pytorch's VOC settings"
 
+    def preflight(self, ctx: StageContext) -> None:
+        ctx.validate_split(ctx.config.data.train_split)
+        mask_dir = training_masks(ctx)
+        if mask_dir is not None and not mask_dir.is_dir() and "make_rw" not in ctx.requested_stages:
+            raise FileNotFoundError(f"train_seg reads the pseudo masks in {mask_dir}: run make_rw first")
 
-@register_stage(
-    "train_seg",
-    order=70,
-    help="DeepLabV2-ResNet-101 (ASPP, MSC) on the pseudo masks, deeplab-pytorch's VOC settings",
-    preflight=check_inputs,
-)
-def run(ctx: StageContext) -> None:
-    config = ctx.config.train_seg
-    if final_model_path(ctx, "train_seg").exists() and not ctx.force:
-        ctx.print(f"[train_seg] done already: {final_model_path(ctx, 'train_seg')} (use --force to retrain)")
-        return
-    split = ctx.config.data.train_split
-    image_ids = ctx.validate_split(split)
-    mask_dir = training_masks(ctx)
-    if mask_dir is not None:
-        missing = [i for i in image_ids if not (mask_dir / f"{i}.png").is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"train_seg: {len(missing)} pseudo masks missing, e.g. {mask_dir / missing[0]}.png"
-            )
-    dataset = SegmentationCropDataset(ctx.source, image_ids, mask_dir, config, ctx.seed)
-    torch.manual_seed(ctx.seed)
-    model = build_deeplab(ctx.source.num_classes + 1, config.backbone, config.weights, config.msc_scales)
-    report = model.base.init_report
-    if report is not None:
-        ctx.print(f"[train_seg] {report.summary()}")
-        ctx.logger("train_seg").log("init", **report.as_dict())
-    world_size = ctx.dist.world_size
+    def train_config(self, ctx: StageContext) -> TrainConfig:
+        return ctx.config.train_seg.train
 
-    def loss_fn(
-        network: nn.Module, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        # Normalised by the labelled pixels of the global batch, so that a DDP step equals a 1-process step.
-        return msc_loss(network(batch["image"]), batch["label"], world_size=world_size), {}
+    def fingerprint(self, ctx: StageContext) -> dict[str, Any]:
+        config = ctx.config.train_seg
+        mask_dir = training_masks(ctx)
+        return {
+            "backbone": config.backbone,
+            "weights": config.weights,
+            "crop_size": config.crop_size,
+            "scales": list(config.scales),
+            "msc_scales": list(config.msc_scales),
+            "train_split": ctx.config.data.train_split,
+            "masks": "ground_truth" if mask_dir is None else output_digest(mask_dir, "make_rw"),
+        }
 
-    meta = {
-        "backbone": config.backbone,
-        "weights": config.weights,
-        "crop_size": config.crop_size,
-        "scales": list(config.scales),
-        "msc_scales": list(config.msc_scales),
-        "mask_source": config.mask_source,
-        "train_split": split,
-    }
-    train_network(ctx, "train_seg", model, dataset, config.train, loss_fn, meta)  # type: ignore[arg-type]
+    def build_dataset(self, ctx: StageContext) -> Dataset[dict[str, Any]]:
+        image_ids = ctx.validate_split(ctx.config.data.train_split)
+        mask_dir = training_masks(ctx)
+        if mask_dir is not None:
+            missing = [i for i in image_ids if not (mask_dir / f"{i}.png").is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"train_seg: {len(missing)} pseudo masks missing, e.g. {mask_dir / missing[0]}.png"
+                )
+        return SegmentationCropDataset(ctx.source, image_ids, mask_dir, ctx.config.train_seg, ctx.seed)
+
+    def build_model(self, ctx: StageContext) -> nn.Module:
+        config = ctx.config.train_seg
+        torch.manual_seed(ctx.seed)
+        model = build_deeplab(ctx.source.num_classes + 1, config.backbone, config.weights, config.msc_scales)
+        report = model.base.init_report
+        if report is not None:
+            ctx.print(f"[train_seg] {report.summary()}")
+            ctx.logger("train_seg").log("init", **report.as_dict())
+        return model
+
+    def loss_function(self, ctx: StageContext, model: nn.Module) -> LossFunction:
+        world_size = ctx.dist.world_size
+
+        def loss_fn(
+            network: nn.Module, batch: dict[str, torch.Tensor]
+        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            # Normalised by the labelled pixels of the global batch, so that a DDP step equals a 1-process step.
+            return msc_loss(network(batch["image"]), batch["label"], world_size=world_size), {}
+
+        return loss_fn

@@ -35,10 +35,10 @@ from PIL import Image
 
 from clims_loss import IMAGENET_MEAN, IMAGENET_STD
 
+from ..cams import multiscale_cams, normalise_by_max
 from ..config import TrainConfig
 from ..metrics import ThresholdSweep, iou_from_confusion, mean_iou
 from ..networks import CAMNet, build_network
-from ..stages.make_cam import multiscale_cams, normalise_by_max
 from ..training import learning_rate_factor, optimizer_with_head_group, plan_steps
 
 #: The rows of the paper's Table 3 that this ablation reproduces, in the paper's order: name -> which of

@@ -40,8 +40,8 @@ def ensure_toy_world(ctx: StageContext) -> Path:
     world given with ``--voc-root`` is used as it is."""
     from .world import generate_toy_world, load_toy_world
 
-    root = Path(ctx.args.voc_root)
-    config = ctx.config.toy_world
+    root = Path(ctx.config.data.root)
+    config = ctx.config.section("toy_world")
     if root != toy_world_root(ctx.workdir):
         load_toy_world(root)  # raises when there is no complete world
         return root

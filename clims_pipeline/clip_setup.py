@@ -1,0 +1,171 @@
+"""What the CLIP-using stages share: the open_clip configs, the CLIP checkpoint, the prompts, the evaluator.
+
+``train_clip`` writes a CLIP, ``mine_backgrounds`` ranks background terms with it and ``train_clims``
+freezes it in the evaluator; all three resolve the CLIP, its checkpoint and the prompt registry here, so the
+stages themselves import nothing from each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+import clims_loss as cl
+
+from .context import StageContext
+
+#: A tiny open_clip ViT shipped with the pipeline (``configs/<name>.json``): random weights, for smoke runs
+#: and tests.
+SMOKE_CLIP_NAME = "clims-smoke-vit"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+#: The value of ``train_clims.clip_pretrained`` that means "the checkpoint stage train_clip writes".
+FROM_TRAIN_CLIP = "train_clip"
+
+#: The registry fields that ``--backgrounds FILE`` takes from the file; the variant defines all others.
+BACKGROUND_FIELDS = ("class_backgrounds", "global_backgrounds", "background_template", "background_scores")
+
+
+def register_clip_config(path: Path) -> None:
+    """Make an open_clip model-config JSON known to open_clip under its file stem (idempotent)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"train_clims.clip_config: no such open_clip model config: {path}")
+    if path.stem not in open_clip.list_models():
+        open_clip.add_model_config(path)
+
+
+def register_clip_configs(ctx: StageContext) -> None:
+    """The shipped smoke config, and the run's own ``train_clims.clip_config`` when it names one."""
+    register_clip_config(CONFIG_DIR / f"{SMOKE_CLIP_NAME}.json")
+    if ctx.config.train_clims.clip_config:
+        register_clip_config(Path(ctx.config.train_clims.clip_config).expanduser())
+
+
+def clip_directory(ctx: StageContext) -> Path:
+    return ctx.workdir / "train_clip"
+
+
+def clip_checkpoint_path(ctx: StageContext) -> Path:
+    return clip_directory(ctx) / "model.pt"
+
+
+def resolve_clip_pretrained(ctx: StageContext) -> str | None:
+    """``train_clims.clip_pretrained`` as a tag or file for open_clip (None: random weights).
+
+    ``"train_clip"`` becomes the checkpoint that stage wrote."""
+    value = ctx.config.train_clims.clip_pretrained
+    if value == FROM_TRAIN_CLIP:
+        path = clip_checkpoint_path(ctx)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"train_clims.clip_pretrained=train_clip reads {path}: run stage train_clip"
+            )
+        return str(path)
+    return None if value in ("", "none") else value
+
+
+def clip_identity(ctx: StageContext) -> dict[str, Any]:
+    """What identifies the evaluator's CLIP in a fingerprint: its name and where its weights come from."""
+    value = ctx.config.train_clims.clip_pretrained
+    identity: dict[str, Any] = {"clip": ctx.config.train_clims.clip, "clip_pretrained": value}
+    if value == FROM_TRAIN_CLIP:
+        from .runstate import output_digest
+
+        identity["train_clip"] = output_digest(clip_directory(ctx), "train_clip")
+    return identity
+
+
+def load_clip(ctx: StageContext) -> tuple[torch.nn.Module, Any]:
+    """The run's CLIP (random weights are seeded like every rank's) and its tokenizer."""
+    register_clip_configs(ctx)
+    torch.manual_seed(ctx.seed)
+    return cl.load_open_clip(ctx.config.train_clims.clip, resolve_clip_pretrained(ctx), device=ctx.device)
+
+
+# ------------------------------------------------------------------------------------------- prompts
+
+
+def base_registry(ctx: StageContext) -> cl.BackgroundPromptRegistry:
+    """The variant's prompt registry: the library preset the data source names for it."""
+    return cl.BackgroundPromptRegistry.preset(ctx.config.train_clims.prompts)
+
+
+def mined_path(ctx: StageContext) -> Path:
+    """The registry that stage ``mine_backgrounds`` writes (and ``--backgrounds mined`` reads)."""
+    return ctx.workdir / "mine_backgrounds" / "mined_backgrounds.json"
+
+
+def resolve_backgrounds(
+    ctx: StageContext, *, must_exist: bool = True
+) -> tuple[cl.BackgroundPromptRegistry | None, dict[str, Any]]:
+    """The registry ``train_clims`` uses and its identity (part of the stage's fingerprint).
+
+    ``preset``: the variant's registry. ``mined``: ``<workdir>/mine_backgrounds/mined_backgrounds.json``.
+    Anything else: a registry JSON file. From a file only the background fields (:data:`BACKGROUND_FIELDS`)
+    are taken; class names must match the variant's, whose templates, weights and CBS settings stay.
+    With ``must_exist=False`` a missing mined file (still to be written by an earlier stage of this run)
+    returns ``(None, {})``.
+    """
+    choice = ctx.config.train_clims.backgrounds or "preset"
+    base = base_registry(ctx)
+    if choice == "preset":
+        return base, {"backgrounds": "preset"}
+    if choice == "mined":
+        path = mined_path(ctx)
+        if not path.is_file():
+            if not must_exist:
+                return None, {}
+            raise FileNotFoundError(
+                f"--backgrounds mined: missing {path}; run the mine_backgrounds stage first "
+                f"(e.g. --stages mine_backgrounds,train_clims), or pass a registry JSON file"
+            )
+    else:
+        path = Path(choice).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--backgrounds: {choice!r} is neither 'preset', 'mined' nor an existing registry JSON file"
+            )
+    try:
+        loaded = cl.BackgroundPromptRegistry.from_json(path)
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"--backgrounds: {path} is not a valid registry JSON: {error}") from error
+    if tuple(loaded.class_names) != tuple(base.class_names):
+        raise ValueError(
+            f"--backgrounds: {path} has classes {list(loaded.class_names)}, the variant's prompt preset "
+            f"{base.name!r} has {list(base.class_names)}"
+        )
+    registry = base.replace(name=loaded.name, **{name: getattr(loaded, name) for name in BACKGROUND_FIELDS})
+    if registry.weights.cbs != 0 and not registry.uses_cbs:
+        raise ValueError(
+            f"--backgrounds: {path} holds no background terms but the CBS weight is {registry.weights.cbs}; "
+            f"add terms to it (or mine with a lower --mine-margin)"
+        )
+    used = {name: registry.to_dict()[name] for name in BACKGROUND_FIELDS}
+    digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode("utf-8")).hexdigest()
+    return registry, {"backgrounds": choice, "file": str(path.resolve()), "sha256": digest}
+
+
+def build_evaluator(ctx: StageContext, registry: cl.BackgroundPromptRegistry) -> cl.CLIPTextDrivenEvaluator:
+    """The frozen-CLIP evaluator of ``train_clims`` over ``registry`` (from :func:`resolve_backgrounds`)."""
+    if tuple(registry.class_names) and len(registry.class_names) != ctx.source.num_classes:
+        raise ValueError(
+            f"prompt preset {ctx.config.train_clims.prompts!r} has {len(registry.class_names)} classes, the "
+            f"{ctx.config.dataset} data {ctx.source.num_classes}"
+        )
+    given = ctx.config.train_clims.loss_weights
+    register_clip_configs(ctx)
+    torch.manual_seed(ctx.seed)  # every rank builds the same CLIP: random weights are seeded identically
+    return cl.CLIPTextDrivenEvaluator.from_pretrained(
+        ctx.config.train_clims.clip,
+        pretrained=resolve_clip_pretrained(ctx),
+        prompts=registry,
+        weights=cl.LossWeights(**given) if given else None,  # None: the registry's own weights
+        device=ctx.device,
+        image_mean=cl.IMAGENET_MEAN,  # how the pipeline normalises its images
+        image_std=cl.IMAGENET_STD,
+    )

@@ -1,0 +1,203 @@
+"""The run-state protocol every stage follows: is an output there and current, resume, sharding, atomicity.
+
+A stage's output lives in a directory with a ``manifest.json``::
+
+    {"stage": "make_cam", "fingerprint": {...}, "complete": true, ...}
+
+The *fingerprint* is exactly what the output depends on: the config sections the stage reads, the seed, and
+the fingerprints of the earlier outputs it reads (as short digests). An output is *current* when its manifest
+is complete and its fingerprint equals the one the present run would write; a current output is reused, any
+other is recomputed, and the stage says which fields changed. Per-image outputs are resumable: files written
+before a kill are kept while the fingerprint holds, and only the missing ones are computed, each process
+taking every ``world_size``-th of them. Every file goes through :func:`clims_pipeline.files.atomic_write`, so
+a file that exists is whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .distributed import DistributedInfo, barrier, broadcast_object
+from .files import read_json, write_json
+
+MANIFEST = "manifest.json"
+
+Item = TypeVar("Item")
+
+
+def digest(value: Any) -> str:
+    """A short, stable digest of a JSON-serialisable value (how a fingerprint names its inputs)."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), so that fingerprints compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two JSON-like values; a key in only one counts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changed: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old or key not in new:
+                changed.append(name)
+            else:
+                changed += changed_fields(old[key], new[key], name)
+        return changed
+    return [] if old == new else [prefix or "(value)"]
+
+
+def describe_changes(changed: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(changed[:limit])
+    return shown + (f" and {len(changed) - limit} more" if len(changed) > limit else "")
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest of an output directory, or None when there is none (or it is not a JSON object)."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def output_digest(directory: Path, what: str) -> str:
+    """The digest of a complete output's fingerprint: what a later stage puts in its own fingerprint.
+
+    Raises ``FileNotFoundError`` naming ``what`` (the stage to run) when the output is missing or unfinished.
+    """
+    manifest = read_manifest(directory)
+    if manifest is None or not manifest.get("complete"):
+        raise FileNotFoundError(f"no complete output in {directory}: run stage {what} first")
+    return digest(manifest["fingerprint"])
+
+
+class StageOutput:
+    """One stage output directory under the protocol (the main rank writes; every rank may read).
+
+    ``status()`` tells whether the output is current; ``begin()`` clears a stale output and marks the new one
+    as unfinished; ``complete()`` marks it finished. Per-image outputs add ``todo()`` / ``share()`` /
+    ``finish_files()``.
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        directory: Path,
+        fingerprint: dict[str, Any],
+        dist: DistributedInfo,
+        say: Callable[[str], None],
+        force: bool = False,
+    ):
+        self.stage = stage
+        self.directory = directory
+        self.fingerprint = as_json(fingerprint)
+        self.dist = dist
+        self.say = say
+        self.force = force
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / MANIFEST
+
+    def changes(self) -> list[str] | None:
+        """None when no manifest is there; else the changed fingerprint fields ([] when equal)."""
+        manifest = read_manifest(self.directory)
+        if manifest is None:
+            return None
+        return changed_fields(manifest.get("fingerprint"), self.fingerprint)
+
+    def is_current(self) -> bool:
+        """Complete and made with this fingerprint (and no ``--force``)."""
+        if self.force:
+            return False
+        manifest = read_manifest(self.directory)
+        return bool(
+            manifest is not None
+            and manifest.get("complete")
+            and manifest.get("fingerprint") == self.fingerprint
+        )
+
+    def reuse(self, what: Path | str | None = None) -> bool:
+        """True (after saying so) when the output is current and the stage has nothing to do."""
+        if not self.is_current():
+            return False
+        self.say(f"[{self.stage}] done already: {what or self.directory} (use --force to redo it)")
+        return True
+
+    def begin(self, keep_files: bool = True) -> None:
+        """Start (or resume) the output: a stale or forced one is removed first, with the reason.
+
+        With ``keep_files`` an unfinished output made with the same fingerprint keeps its files (resume).
+        Collective: every rank calls it.
+        """
+        if self.dist.is_main:
+            changes = self.changes()
+            stale = changes is not None and bool(changes)
+            if (stale or self.force) and self.directory.exists():
+                reason = "--force" if self.force else f"{describe_changes(changes or [])} changed"
+                self.say(f"[{self.stage}] recomputing {self.directory} because {reason}")
+                self._clear()
+            elif not keep_files and self.directory.exists():
+                self._clear()
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_json(
+                self.manifest_path, {"stage": self.stage, "fingerprint": self.fingerprint, "complete": False}
+            )
+        barrier()
+
+    def _clear(self) -> None:
+        # A nested directory with a manifest of its own is another output (e.g. train_aff/labels): it follows
+        # its own fingerprint, so it is left alone here.
+        for child in self.directory.iterdir():
+            if child.is_dir():
+                if not (child / MANIFEST).exists():
+                    shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    def complete(self, **extra: Any) -> None:
+        """Mark the output finished (main rank), with ``extra`` facts for people reading the manifest."""
+        if self.dist.is_main:
+            write_json(
+                self.manifest_path,
+                {"stage": self.stage, "fingerprint": self.fingerprint, "complete": True, **extra},
+            )
+
+    # ------------------------------------------------------------------------------------ per-image files
+
+    def todo(self, items: Sequence[Item], path_of: Callable[[Item], Path]) -> list[Item]:
+        """The items whose file is not there yet, after saying how many are done."""
+        missing = [item for item in items if not path_of(item).exists()]
+        self.say(f"[{self.stage}] {len(items) - len(missing)} of {len(items)} done already")
+        return missing
+
+    def share(self, items: Sequence[Item]) -> list[Item]:
+        """This process's share of ``items``: every ``world_size``-th one, starting at its rank."""
+        return list(items[self.dist.rank :: self.dist.world_size])
+
+    def finish_files(self, items: Sequence[Item], path_of: Callable[[Item], Path], **extra: Any) -> None:
+        """Wait for every rank, check that every item's file exists, then mark the output complete."""
+        barrier()
+        missing = broadcast_object(
+            [str(path_of(item)) for item in items if not path_of(item).exists()]
+            if self.dist.is_main
+            else None
+        )
+        if missing:
+            raise RuntimeError(
+                f"{self.stage}: {len(missing)} output files missing after the run, e.g. {missing[0]}"
+            )
+        self.complete(items=len(items), **extra)
+        barrier()

@@ -40,7 +40,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, cast
 
 import numpy as np
 import open_clip
@@ -56,7 +56,23 @@ PAPER_FINETUNE: dict[str, float] = {"lr": 5e-5, "epochs": 20, "weight_decay": 0.
 # From scratch on the toy world (measured: see the module's __main__ / toyworld.main).
 TOY_FROM_SCRATCH: dict[str, float] = {"lr": 2e-3, "epochs": 5, "weight_decay": 0.1}
 
-ImageSource = str | os.PathLike | np.ndarray | Image.Image
+ImageSource = str | os.PathLike[str] | np.ndarray | Image.Image
+
+
+class _OpenClipModel(Protocol):
+    """What this module uses of an open_clip CLIP (open_clip ships no type information)."""
+
+    logit_scale: torch.Tensor  # a Parameter: CLIP's log temperature
+    visual: Any  # the image tower (ModifiedResNet, VisionTransformer, ...): image_size, output_dim
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor: ...
+
+
+def _open_clip_parts(model: torch.nn.Module) -> _OpenClipModel:
+    """``model`` as the open_clip CLIP that ``create_model`` built (the same object, typed)."""
+    return cast(_OpenClipModel, model)
 
 
 def register_model_configs() -> None:
@@ -106,7 +122,7 @@ def random_soft_masks(
     batch: int, size: int, keep: tuple[float, float], generator: torch.Generator, device: torch.device
 ) -> torch.Tensor:
     """(batch, 1, size, size) masks in [0, 1] from upsampled noise; sharpness varies from soft to hard."""
-    cells = torch.randint(2, 5, (1,), generator=generator).item()
+    cells = int(torch.randint(2, 5, (1,), generator=generator).item())
     noise = torch.rand(batch, 1, cells, cells, generator=generator)
     field = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False).flatten(1)
     keep_fraction = torch.empty(batch, 1).uniform_(*keep, generator=generator)
@@ -320,7 +336,7 @@ def load_image(source: ImageSource, size: int) -> np.ndarray:
     if (width, height) != (size, size):
         scale = size / min(width, height)
         image = image.resize(
-            (max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC
+            (max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.BICUBIC
         )
         left, top = (image.width - size) // 2, (image.height - size) // 2
         image = image.crop((left, top, left + size, top + size))
@@ -365,13 +381,14 @@ def _normaliser(model: torch.nn.Module, device: torch.device) -> tuple[torch.Ten
 
 
 def _image_size(model: torch.nn.Module) -> int:
-    size = model.visual.image_size
+    size = _open_clip_parts(model).visual.image_size
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only: gains, biases, embeddings and the logit scale are left alone, as in CLIP."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
@@ -479,11 +496,12 @@ def train_clip(
     torch.manual_seed(seed)
     random.seed(seed)
     model, tokenizer = create_model(model_name, pretrained, device, quick_gelu=quick_gelu)
+    clip = _open_clip_parts(model)
     if fixed_logit_scale is not None:
         if not 1.0 <= fixed_logit_scale <= 100.0:
             raise ValueError(f"expected fixed_logit_scale in [1, 100], got {fixed_logit_scale}")
-        model.logit_scale.data.fill_(math.log(fixed_logit_scale))
-        model.logit_scale.requires_grad_(False)
+        clip.logit_scale.data.fill_(math.log(fixed_logit_scale))
+        clip.logit_scale.requires_grad_(False)
     size = _image_size(model)
     mean, std = _normaliser(model, device)
     images = _load_images([s[0] for s in samples], size, progress)
@@ -567,7 +585,7 @@ def train_clip(
             optimizer.step()
             scheduler.step()
             with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
+                clip.logit_scale.clamp_(0, math.log(100))
             losses.append(loss.item())
             step += 1
             if progress and hasattr(bar, "set_postfix"):
@@ -576,7 +594,7 @@ def train_clip(
             "epoch": epoch + 1,
             "step": step,
             "loss": float(np.mean(losses)) if losses else float("nan"),
-            "logit_scale": model.logit_scale.exp().item(),
+            "logit_scale": clip.logit_scale.exp().item(),
             "seconds": round(time.perf_counter() - started, 1),
         }
         history["epochs"].append(record)
@@ -665,12 +683,13 @@ def _augment(
 @torch.no_grad()
 def _encode_images(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
     """L2-normalised image embeddings (N, D), in chunks; (0, D) for no images."""
+    clip = _open_clip_parts(model)
     out = [
-        F.normalize(model.encode_image(pixels[i : i + batch_size]), dim=-1)
+        F.normalize(clip.encode_image(pixels[i : i + batch_size]), dim=-1)
         for i in range(0, len(pixels), batch_size)
     ]
     if not out:
-        return torch.zeros(0, model.visual.output_dim, device=pixels.device)
+        return torch.zeros(0, clip.visual.output_dim, device=pixels.device)
     return torch.cat(out)
 
 
@@ -678,7 +697,7 @@ def _encode_images(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int
 def _encode_texts(
     model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], device: torch.device
 ) -> torch.Tensor:
-    return F.normalize(model.encode_text(tokenizer(list(texts)).to(device)), dim=-1)
+    return F.normalize(_open_clip_parts(model).encode_text(tokenizer(list(texts)).to(device)), dim=-1)
 
 
 def _mean(values: np.ndarray) -> float:
@@ -746,7 +765,9 @@ def zero_shot_report(
     masks = np.stack(
         [
             np.asarray(
-                Image.open(root / "SegmentationClass" / f"{r['id']}.png").resize((size, size), Image.NEAREST)
+                Image.open(root / "SegmentationClass" / f"{r['id']}.png").resize(
+                    (size, size), Image.Resampling.NEAREST
+                )
             )
             for r in records
         ]
@@ -802,7 +823,7 @@ def zero_shot_report(
             object_view_sim = (object_views @ class_text[k]).cpu().numpy()
             object_view_bg_sim = (object_views @ background_text[b]).cpu().numpy()
             context_view_sim = (context_views @ class_text[k]).cpu().numpy()
-        entry = {
+        entry: dict[str, Any] = {
             "background": own,
             "object_images": _mean(similarity[has_k, k]),
             "absent_images": _mean(similarity[~has_k, k]),

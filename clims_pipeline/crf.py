@@ -59,7 +59,8 @@ def require_densecrf() -> ModuleType:
         import pydensecrf.densecrf as densecrf
     except ImportError as error:
         raise ImportError(f"dense CRF post-processing needs pydensecrf2: {CRF_INSTALL_HINT}") from error
-    return densecrf
+    module: ModuleType = densecrf  # pydensecrf has no type information: the import is Any
+    return module
 
 
 def dense_crf(image: np.ndarray, probabilities: np.ndarray, params: CRFParams = PSA_CRF) -> np.ndarray:

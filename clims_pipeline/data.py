@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ElementTree
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,7 +203,7 @@ class VOCSource(SegmentationSource):
     """
 
     name = "voc"
-    class_names = VOC_CLASSES
+    class_names: tuple[str, ...] = VOC_CLASSES
 
     def __init__(self, root: str | Path):
         self.root = resolve_voc_root(root)
@@ -311,6 +311,7 @@ class COCOSource(SegmentationSource):
                 self._id_to_split[Path(info["file_name"]).stem] = split
         return self._apis[split]
 
+    # mypy rejects a read-only property over the base's writable attribute; nothing assigns COCO's names.
     @property
     def class_names(self) -> tuple[str, ...]:  # type: ignore[override]
         if self._class_names is None:
@@ -453,7 +454,7 @@ register_data_source(
 
 def normalize_image(image: Image.Image) -> np.ndarray:
     """RGB PIL image -> (3, H, W) float32, ImageNet-normalised (for the backbone and the evaluator)."""
-    array = np.asarray(image, dtype=np.float32) / 255.0
+    array: np.ndarray = np.asarray(image, dtype=np.float32) / 255.0
     array = (array - np.asarray(IMAGENET_MEAN, dtype=np.float32)) / np.asarray(IMAGENET_STD, dtype=np.float32)
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
@@ -531,10 +532,10 @@ class TrainCropDataset(Dataset[dict[str, Any]]):
         }
 
 
-class EpochIndexSampler(torch.utils.data.Sampler):
+class EpochIndexSampler(torch.utils.data.Sampler[tuple[int, int]]):
     """Wraps a (Distributed)Sampler so that it yields ``(epoch, index)`` for :class:`TrainCropDataset`."""
 
-    def __init__(self, sampler: torch.utils.data.DistributedSampler):
+    def __init__(self, sampler: torch.utils.data.DistributedSampler[int]):
         self.sampler = sampler
         self.epoch = 0
 
@@ -542,7 +543,7 @@ class EpochIndexSampler(torch.utils.data.Sampler):
         self.epoch = epoch
         self.sampler.set_epoch(epoch)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         return ((self.epoch, index) for index in self.sampler)
 
     def __len__(self) -> int:

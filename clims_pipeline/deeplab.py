@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +41,13 @@ class ASPP(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = DEEPLAB_ATROUS_RATES):
         super().__init__()
-        self.branches = nn.ModuleList(
+        branches = [
             nn.Conv2d(in_channels, num_classes, 3, padding=rate, dilation=rate, bias=True) for rate in rates
-        )
-        for branch in self.branches:
+        ]
+        self.branches = nn.ModuleList(branches)
+        for branch in branches:
             nn.init.normal_(branch.weight, mean=0.0, std=0.01)
+            assert branch.bias is not None  # built with bias=True
             nn.init.zeros_(branch.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -88,6 +91,7 @@ def _resnet101_stride8(weights: str) -> nn.Module:
         model.layer3,
         model.layer4,
     )
+    # nn.Module.__setattr__ is typed for tensors and modules only; any attribute is accepted at run time.
     backbone.out_channels = 2048  # type: ignore[assignment]
     return backbone
 
@@ -113,7 +117,8 @@ class DeepLabV2(nn.Module):
             raise ValueError(f"expected backbone 'resnet101', 'tiny' or 'toy', got {backbone!r}")
         if rates is None:
             rates = TOY_ATROUS_RATES if backbone == "toy" else DEEPLAB_ATROUS_RATES
-        self.aspp = ASPP(self.backbone.out_channels, num_classes, rates)
+        # Every backbone above has an int out_channels (a class attribute, or set by _resnet101_stride8).
+        self.aspp = ASPP(cast(int, self.backbone.out_channels), num_classes, rates)
         self.num_classes = num_classes
         #: What a local init file gave (layout, tensors loaded and skipped, notes); None without a file.
         self.init_report: SegmentationInitReport | None = None
@@ -128,7 +133,8 @@ class DeepLabV2(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.aspp(self.backbone(images))
+        logits: torch.Tensor = self.aspp(self.backbone(images))
+        return logits
 
 
 class MSC(nn.Module):

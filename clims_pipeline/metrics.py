@@ -43,7 +43,7 @@ class ThresholdSweep:
     ``num_labels`` counts background (label 0) plus the foreground classes.
     """
 
-    def __init__(self, num_labels: int, thresholds: Sequence[float], void_label: int = 255):
+    def __init__(self, num_labels: int, thresholds: Sequence[float] | np.ndarray, void_label: int = 255):
         self.num_labels = num_labels
         self.thresholds = np.asarray(sorted(thresholds), dtype=np.float64)
         self.void_label = void_label

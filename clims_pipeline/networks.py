@@ -28,7 +28,15 @@ def _freeze_batchnorm_statistics(module: nn.Module) -> None:
             child.eval()
 
 
-class ResNet50Backbone(nn.Module):
+class Backbone(nn.Module):
+    """A feature extractor for :class:`CAMNet`: ``forward`` maps images (B, 3, H, W) to features
+    (B, ``out_channels``, H / ``output_stride``, W / ``output_stride``)."""
+
+    out_channels: int
+    output_stride: int
+
+
+class ResNet50Backbone(Backbone):
     """torchvision ResNet-50 up to ``layer4``, with ``layer4``'s stride set to 1 (output stride 16)."""
 
     out_channels = 2048
@@ -57,13 +65,15 @@ class ResNet50Backbone(nn.Module):
             parameter.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.stem(x))
+        features: torch.Tensor = self.layers(self.stem(x))
+        return features
 
 
 def fetch_imagenet_state(weights_enum: Any, local_file_hint: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights, or (offline machines fail here) an error saying what to pass."""
     try:
-        return weights_enum.get_state_dict(progress=True)  # type: ignore[no-any-return]
+        state: dict[str, torch.Tensor] = weights_enum.get_state_dict(progress=True)
+        return state
     except Exception as error:
         raise RuntimeError(
             f"could not fetch torchvision's ImageNet weights ({weights_enum}); {local_file_hint}"
@@ -88,7 +98,7 @@ def load_backbone_state(model: nn.Module, path: Path) -> None:
         )
 
 
-class TinyBackbone(nn.Module):
+class TinyBackbone(Backbone):
     """Four strided conv blocks (output stride 16, ~10k parameters): fast CPU tests and smoke runs."""
 
     output_stride = 16
@@ -113,10 +123,11 @@ class TinyBackbone(nn.Module):
         self.out_channels = in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.stem(x))
+        features: torch.Tensor = self.layers(self.stem(x))
+        return features
 
 
-class ToyBackbone(nn.Module):
+class ToyBackbone(Backbone):
     """A small conv net at output stride 4 for the toy world's 64-pixel images (maps of 16 x 16).
 
     At output stride 16 a 64-pixel image gives 4 x 4 maps, too coarse to outline an object. Two strided
@@ -167,13 +178,14 @@ class ToyBackbone(nn.Module):
         self.out_channels = widths[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.stem(x))
+        features: torch.Tensor = self.layers(self.stem(x))
+        return features
 
 
 BACKBONES = ("resnet50", "tiny", "toy")
 
 
-def build_backbone(name: str, weights: str) -> nn.Module:
+def build_backbone(name: str, weights: str) -> Backbone:
     if name == "resnet50":
         return ResNet50Backbone(weights)
     if name == "tiny":
@@ -186,7 +198,7 @@ def build_backbone(name: str, weights: str) -> nn.Module:
 class CAMNet(nn.Module):
     """Backbone + bias-free 1x1 classifier. ``forward`` gives image logits (B, K) through GAP."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int):
+    def __init__(self, backbone: Backbone, num_classes: int):
         super().__init__()
         self.backbone = backbone
         self.classifier = nn.Conv2d(backbone.out_channels, num_classes, kernel_size=1, bias=False)
@@ -200,7 +212,8 @@ class CAMNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.backbone(images)
-        return self.classifier(features.mean(dim=(2, 3), keepdim=True)).flatten(1)
+        logits: torch.Tensor = self.classifier(features.mean(dim=(2, 3), keepdim=True)).flatten(1)
+        return logits
 
     def activation_maps(self, images: torch.Tensor) -> torch.Tensor:
         """Class activation maps (B, K, h, w) at output stride 16: ``relu(W^T Z)``, unnormalised."""

@@ -170,7 +170,8 @@ def confident_label_map(
         scores = background_scores(cams, power)
         if crf is not None:
             scores = dense_crf(image, scores, crf)
-        return class_of_channel[scores.argmax(axis=0)]
+        labels: np.ndarray = class_of_channel[scores.argmax(axis=0)]
+        return labels
 
     low = refined_argmax(low_power)  # background inflated: the surviving foreground is confident
     high = refined_argmax(high_power)  # background shrunk: the surviving background is confident
@@ -206,6 +207,7 @@ class _LevelBackbone(nn.Module):
 
     stem: nn.Module
     levels: nn.ModuleList
+    level_channels: tuple[int, int, int]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
@@ -277,7 +279,7 @@ class AffinityNet(nn.Module):
     ):
         super().__init__()
         if backbone == "resnet50":
-            self.backbone: nn.Module = _ResNet50Stride8Backbone(weights)
+            self.backbone: _LevelBackbone = _ResNet50Stride8Backbone(weights)
         elif backbone == "tiny":
             if weights != "none":
                 raise ValueError(f"the tiny backbone has no pretrained weights, got {weights!r}")
@@ -285,12 +287,13 @@ class AffinityNet(nn.Module):
         else:
             raise ValueError(f"expected backbone 'resnet50' or 'tiny', got {backbone!r}")
         self.feature_channels = sum(widths)
-        self.reducers = nn.ModuleList(
+        reducers = [
             nn.Conv2d(cin, cout, 1, bias=False)
             for cin, cout in zip(self.backbone.level_channels, widths, strict=True)
-        )
+        ]
+        self.reducers = nn.ModuleList(reducers)
         self.fuse = nn.Conv2d(sum(widths), self.feature_channels, 1, bias=False)
-        for reducer in self.reducers:
+        for reducer in reducers:
             nn.init.kaiming_normal_(reducer.weight)
         nn.init.xavier_uniform_(self.fuse.weight, gain=4)  # PSA's init: a wide spread of initial affinities
 

@@ -24,11 +24,13 @@ def jet(values: np.ndarray) -> np.ndarray:
     """(H, W) values in [0, 1] -> (H, W, 3) uint8, blue (0) through green to red (1)."""
     x = np.clip(values, 0.0, 1.0)[..., None]
     channels = np.clip(1.5 - np.abs(4.0 * x - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
-    return (255 * channels).astype(np.uint8)
+    colours: np.ndarray = (255 * channels).astype(np.uint8)
+    return colours
 
 
 def colorize_labels(labels: np.ndarray) -> np.ndarray:
-    return label_palette()[labels]
+    colours: np.ndarray = label_palette()[labels]
+    return colours
 
 
 def cam_overlay_panel(

@@ -154,7 +154,9 @@ def train_in_memory(
     optimizer, base_lrs = optimizer_with_head_group(model, config)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    step, running, last = 0, {}, {}
+    step = 0
+    running: dict[str, float] = {}
+    last: dict[str, float] = {}
     while step < total_steps:
         order = torch.randperm(len(data.ids), generator=generator)
         for start in range(0, steps_per_epoch * config.batch_size, config.batch_size):
@@ -166,7 +168,7 @@ def train_in_memory(
                 group["lr"] = base_lr * factor
             loss, parts = loss_fn(model, augment_batch(data.images[index], generator), data.labels[index])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             optimizer.step()
             step += 1
             if not torch.isfinite(loss):
@@ -419,7 +421,7 @@ def run_ablation(
 
 def summarise(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """The JSON of the issue: rows (mean/std of mIoU over seeds) and the co-occurring classes' IoU."""
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     for row, results in per_seed.items():
         values = np.array([r["miou"] for r in results])
         rows[row] = {
@@ -483,11 +485,11 @@ def format_table(summary: dict[str, Any], seeds: int) -> str:
             "| --- | " + " | ".join("---:" for _ in co["classes"]) + " | ---: | ---: |",
         ]
         for key, title in (("without_cbs", "without L_CBS"), ("with_cbs", "with L_CBS")):
-            paper = PAPER_TABLE4[key]
+            paper_ious = PAPER_TABLE4[key]
             lines.append(
                 f"| {title} | "
                 + " | ".join(f"{co['per_class'][c][key]:.1f}" for c in co["classes"])
-                + f" | {co[key]:.1f} | {math.fsum(paper.values()) / len(paper):.1f} |"
+                + f" | {co[key]:.1f} | {math.fsum(paper_ious.values()) / len(paper_ious):.1f} |"
             )
         names = ", ".join(co["classes"])
         lines += ["", f"| {names} maps (mean) | precision (%) | recall (%) |", "| --- | ---: | ---: |"]

@@ -136,7 +136,7 @@ _CLASS_MAX_TILT_DEG: dict[str, float] = {
 
 # VOC colour map, so masks look like VOC masks in any viewer (index 255 = the VOC void colour).
 def _voc_palette() -> list[int]:
-    palette = []
+    palette: list[int] = []
     for index in range(256):
         r = g = b = 0
         c = index
@@ -176,12 +176,14 @@ def _smooth_noise(
     ty, tx = ty * ty * (3 - 2 * ty), tx * tx * (3 - 2 * tx)
     top = lattice[iy][:, ix] * (1 - tx) + lattice[iy][:, ix + 1] * tx
     bottom = lattice[iy + 1][:, ix] * (1 - tx) + lattice[iy + 1][:, ix + 1] * tx
-    return top * (1 - ty) + bottom * ty
+    noise: np.ndarray = top * (1 - ty) + bottom * ty
+    return noise
 
 
 def _mix(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Per-pixel blend of two colours (3,) by weights t (H, W) -> (H, W, 3)."""
-    return a[None, None, :] * (1 - t[..., None]) + b[None, None, :] * t[..., None]
+    blend: np.ndarray = a[None, None, :] * (1 - t[..., None]) + b[None, None, :] * t[..., None]
+    return blend
 
 
 def _jitter_colour(rng: np.random.Generator, rgb: Sequence[float], amount: float = 0.06) -> np.ndarray:
@@ -226,7 +228,8 @@ def _texture_railroad(rng: np.random.Generator, size: int, ys: np.ndarray, xs: n
     rail_width = max(1.0, size / 64)
     rails = (np.abs(phase - 1.5) < rail_width) | (np.abs(phase - gauge - 1.5) < rail_width)
     image[rails] = steel
-    return np.clip(image, 0, 1)
+    clipped: np.ndarray = np.clip(image, 0, 1)
+    return clipped
 
 
 def _texture_grass(rng: np.random.Generator, size: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -252,7 +255,8 @@ def _texture_road(rng: np.random.Generator, size: int, ys: np.ndarray, xs: np.nd
     dash_period = rng.uniform(0.15, 0.25) * size
     dashes = np.mod(xs + rng.uniform(0, size), dash_period) < dash_period * 0.55
     image[lines & dashes] = paint
-    return np.clip(image, 0, 1)
+    clipped: np.ndarray = np.clip(image, 0, 1)
+    return clipped
 
 
 def _texture_trees(rng: np.random.Generator, size: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -298,7 +302,8 @@ def _polygon(u: np.ndarray, v: np.ndarray, points: Sequence[tuple[float, float]]
     cross = (nxt[:, 0, None, None] - pts[:, 0, None, None]) * (v[None] - pts[:, 1, None, None]) - (
         nxt[:, 1, None, None] - pts[:, 1, None, None]
     ) * (u[None] - pts[:, 0, None, None])
-    return np.all(cross >= 0, axis=0) | np.all(cross <= 0, axis=0)
+    inside: np.ndarray = np.all(cross >= 0, axis=0) | np.all(cross <= 0, axis=0)
+    return inside
 
 
 Part = tuple[np.ndarray, np.ndarray]  # (mask (H, W) bool, colour (3,))
@@ -636,8 +641,8 @@ def _place_objects(
             region = np.flatnonzero(on_background & band)
             if len(region) == 0:  # a thin strip of background: accept a larger cut-off
                 region = np.flatnonzero(on_background)
-            anchor_y, anchor_x = divmod(int(region[int(rng.integers(len(region)))]), size)
-            anchor_x += 0.5
+            anchor_y, anchor_column = divmod(int(region[int(rng.integers(len(region)))]), size)
+            anchor_x = anchor_column + 0.5
             flip = -1.0 if rng.random() < 0.5 else 1.0
             tilt = math.radians(rng.uniform(-1, 1) * _CLASS_MAX_TILT_DEG[name])
             dx, dy = (xs - anchor_x) / width, (ys - (anchor_y + 0.5)) / width
@@ -687,7 +692,7 @@ def _add_void_border(mask: np.ndarray, width: int) -> np.ndarray:
             if oy == 0 and ox == 0:
                 continue
             edge |= padded[width + oy : width + oy + size_y, width + ox : width + ox + size_x] != mask
-    out = mask.copy()
+    out: np.ndarray = mask.copy()
     out[edge] = 255
     return out
 
@@ -924,7 +929,7 @@ def generate_toy_world(
     root = Path(root)
     metadata_path = root / "toyworld.json"
     if metadata_path.exists() and not overwrite:
-        existing = json.loads(metadata_path.read_text())
+        existing: dict[str, Any] = json.loads(metadata_path.read_text())
         if existing.get("config") == config:
             return existing
     started = time.perf_counter()
@@ -1125,7 +1130,8 @@ def load_toy_world(root: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no complete toy world at {root} (missing {path.name}); run generate_toy_world"
         )
-    return json.loads(path.read_text())
+    metadata: dict[str, Any] = json.loads(path.read_text())
+    return metadata
 
 
 def read_captions(root: str | os.PathLike[str], splits: Sequence[str] | None = None) -> list[dict[str, Any]]:

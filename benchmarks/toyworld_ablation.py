@@ -4,7 +4,7 @@ One command: generates the toy world and trains the tiny CLIP unless they are ca
 (the CLIP is shared by every row and seed), then for each seed trains the baseline CAM network and four
 CLIMS networks from it (OTM; + BTM; + REG; + CBS), and measures CAM mIoU on the held-out ``val`` images
 with a background-threshold sweep. Prints a markdown table beside the paper's, writes JSON and a PNG grid
-of CAM overlays. See docs/toyworld.md and ``clims_pipeline/toy_experiment.py`` for the protocol.
+of CAM overlays. See docs/toyworld.md and ``clims_pipeline/toy/experiment.py`` for the protocol.
 
     python benchmarks/toyworld_ablation.py --json out.json
 """

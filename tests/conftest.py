@@ -33,7 +33,7 @@ def tiny_tokenizer() -> open_clip.tokenizer.SimpleTokenizer:
     return open_clip.tokenizer.SimpleTokenizer(context_length=TINY_CONTEXT)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_config_name(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Register the tiny architecture with open_clip so that ``create_model(name)`` knows it."""
     path = Path(tmp_path_factory.mktemp("open_clip_cfg")) / f"{TINY_NAME}.json"

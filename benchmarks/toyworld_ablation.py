@@ -21,16 +21,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clims_pipeline.clip_training import (
-    TINY_CLIP_NAME,
+from clims_pipeline.clip_training import train_clip
+from clims_pipeline.config import build_config
+from clims_pipeline.toy import experiment as experiment
+from clims_pipeline.toy.clip import (
+    TOY_CLIP_CONFIG,
     TOY_CLIP_CORPORA,
     TOY_FROM_SCRATCH,
     toy_corpus_from_settings,
     toy_corpus_settings,
-    train_clip,
 )
-from clims_pipeline.config import build_config
-from clims_pipeline.toy import experiment as experiment
 from clims_pipeline.toy.world import CLASS_BACKGROUND, TOY_CLASSES, generate_toy_world
 from clims_pipeline.visualize import colorize_labels, jet
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--clip-corpus",
         choices=sorted(TOY_CLIP_CORPORA),
-        default=preset_clip.toy_corpus,
+        default=preset_clip.corpus,
         help="the tiny CLIP's corpus: the world's captions; 'web' (+ cut-outs, object-free pictures); "
         "'web_dark' (web + darkened scene copies captioned as dark; see docs/toyworld.md). "
         "Default: the toy preset's (%(default)s)",
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             darken=darken,
             augment=augment,
             fixed_logit_scale=args.clip_logit_scale,
-            model_name=TINY_CLIP_NAME,
+            model_name=TOY_CLIP_CONFIG,
             epochs=args.clip_epochs,
             lr=TOY_FROM_SCRATCH["lr"],
             weight_decay=TOY_FROM_SCRATCH["weight_decay"],
@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     clip_seconds = time.perf_counter() - started - world_seconds
 
     settings = settings_from_toy_preset(args)
-    results = experiment.run_ablation(world, clip_path, seeds, settings, TINY_CLIP_NAME, verbose=args.verbose)
+    results = experiment.run_ablation(
+        world, clip_path, seeds, settings, TOY_CLIP_CONFIG, verbose=args.verbose
+    )
     summary = experiment.summarise(results["per_seed"])
     summary["seeds"] = seeds
     summary["settings"] = settings.to_dict()

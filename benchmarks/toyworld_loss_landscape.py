@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import clims_loss as cl
-from clims_pipeline.clip_training import TINY_CLIP_NAME
 from clims_pipeline.toy import experiment as experiment
+from clims_pipeline.toy.clip import TOY_CLIP_CONFIG
 from clims_pipeline.toy.world import TOY_CLASSES
 
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     weights = dict(zip(("otm", "btm", "cbs", "reg"), values, strict=True))
     data = experiment.load_split(args.world, args.split, len(TOY_CLASSES), args.images)
-    evaluator = experiment.build_toy_evaluator(TINY_CLIP_NAME, args.clip, weights, args.similarity)
+    evaluator = experiment.build_toy_evaluator(TOY_CLIP_CONFIG, args.clip, weights, args.similarity)
     report = loss_landscape(evaluator, data)
     print(format_report(report))
     if args.json is not None:

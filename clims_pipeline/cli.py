@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--clip-config",
-        help="an extra open_clip model-config JSON to register (its file stem becomes a model name for --clip)",
+        help="an extra open_clip model-config JSON to register (its file stem is a model name for --clip)",
     )
     parser.add_argument(
         "--backgrounds",
@@ -265,8 +265,8 @@ def _file_sha256(path: Path) -> str:
 
 
 def provenance(config: PipelineConfig) -> dict[str, Any]:
-    """What a rerun needs besides the config: package versions, the source commit, hashes of the files read."""
-    packages = {}
+    """What a rerun needs besides the config: package versions, source commit, hashes of the files read."""
+    packages: dict[str, str | None] = {}
     for name in ("clims-loss", "torch", "torchvision", "open_clip_torch", "numpy"):
         try:
             packages[name] = version(name)

@@ -194,7 +194,7 @@ class TrainSegConfig:
             log_every=100,
         )
     )  # 30k iterations of batch 10 (max_steps bounds the run; epochs is only an upper bound), poly 0.9
-    backbone: str = "resnet101"  # "resnet101", "tiny" or "toy"
+    backbone: str = "resnet101"  # "resnet101", "tiny" or "small" (stride 4, for small images)
     weights: str = (
         "imagenet"  # "imagenet" (torchvision), "none", or a local ResNet-101 / DeepLabV2 state dict
     )
@@ -249,7 +249,8 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sections"}
         out = {
-            name: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for name, v in values.items()
+            name: dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+            for name, v in values.items()
         }
         out.update({name: dataclasses.asdict(section) for name, section in self.sections.items()})
         return out

@@ -402,7 +402,7 @@ class DataSourceSpec:
     default_workdir: str | None = None
     default_stages: tuple[str, ...] | None = None
     default_root: Callable[[Path], Path] | None = None
-    prepare: Callable[[Any], None] | None = None  # called with the StageContext before the preflights
+    prepare: Callable[[Any], object] | None = None  # called with the StageContext before the preflights
 
 
 DATA_SOURCES: dict[str, DataSourceSpec] = {}

@@ -9,7 +9,7 @@
 
 BatchNorm statistics stay frozen (batches of 10 crops of 321 pixels are too small to estimate them), as in the
 reference. ``backbone="tiny"`` swaps ResNet-101 for a small stride-8 conv net, for CPU tests and smoke runs;
-``backbone="toy"`` for the CAM network's stride-4 ``ToyBackbone`` (the toy world's 64-pixel images).
+``backbone="small"`` for the CAM network's stride-4 ``SmallImageBackbone`` (64-pixel images).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import all_reduce_sum
-from .networks import ToyBackbone, fetch_imagenet_state
+from .networks import SmallImageBackbone, fetch_imagenet_state
 from .segmentation_init import SegmentationInitReport, load_segmentation_init
 
 DEEPLAB_ATROUS_RATES = (6, 12, 18, 24)
-#: ASPP rates for the toy backbone's 16 x 16 maps (64-pixel images at stride 4): about the same fractions of
+#: ASPP rates for the small backbone's 16 x 16 maps (64-pixel images at stride 4): about the same parts of
 #: the map as the reference's rates on its 41 x 41 maps (321-pixel crops at stride 8).
-TOY_ATROUS_RATES = (2, 4, 6, 8)
+SMALL_ATROUS_RATES = (2, 4, 6, 8)
 #: Half the CAM network's widths: about as good and twice as fast on the toy world (measured once each on
 #: the same pseudo masks, val mIoU: full widths, 500 steps, 29.5 in 167 s; half, 600 steps, 29.1 in 78 s).
 TOY_WIDTHS = (16, 32, 48, 64)
@@ -97,7 +97,7 @@ def _resnet101_stride8(weights: str) -> nn.Module:
 
 
 class DeepLabV2(nn.Module):
-    """Backbone (output stride 8; 4 for "toy") + ASPP. ``forward`` returns logits at the output stride."""
+    """Backbone (output stride 8; 4 for "small") + ASPP. ``forward`` returns logits at the output stride."""
 
     def __init__(
         self,
@@ -111,12 +111,12 @@ class DeepLabV2(nn.Module):
             self.backbone: nn.Module = _resnet101_stride8(weights if weights == "imagenet" else "none")
         elif backbone == "tiny":
             self.backbone = _TinyStride8Backbone()
-        elif backbone == "toy":
-            self.backbone = ToyBackbone(widths=TOY_WIDTHS)
+        elif backbone == "small":
+            self.backbone = SmallImageBackbone(widths=TOY_WIDTHS)
         else:
-            raise ValueError(f"expected backbone 'resnet101', 'tiny' or 'toy', got {backbone!r}")
+            raise ValueError(f"expected backbone 'resnet101', 'tiny' or 'small', got {backbone!r}")
         if rates is None:
-            rates = TOY_ATROUS_RATES if backbone == "toy" else DEEPLAB_ATROUS_RATES
+            rates = SMALL_ATROUS_RATES if backbone == "small" else DEEPLAB_ATROUS_RATES
         # Every backbone above has an int out_channels (a class attribute, or set by _resnet101_stride8).
         self.aspp = ASPP(cast(int, self.backbone.out_channels), num_classes, rates)
         self.num_classes = num_classes

@@ -127,8 +127,8 @@ class TinyBackbone(Backbone):
         return features
 
 
-class ToyBackbone(Backbone):
-    """A small conv net at output stride 4 for the toy world's 64-pixel images (maps of 16 x 16).
+class SmallImageBackbone(Backbone):
+    """A small conv net at output stride 4 for 64-pixel images (e.g. the toy world's) (maps of 16 x 16).
 
     At output stride 16 a 64-pixel image gives 4 x 4 maps, too coarse to outline an object. Two strided
     convolutions, then three 3x3 ones at stride 4: with ``dilations`` (1, 1, 1) each feature sees about
@@ -152,7 +152,8 @@ class ToyBackbone(Backbone):
         super().__init__()
         if weights != "none":
             raise ValueError(
-                f"the toy backbone has no pretrained weights; use --backbone-weights none, got {weights!r}"
+                f"the small-image backbone has no pretrained weights; use --backbone-weights none, "
+                f"got {weights!r}"
             )
         if len(widths) != 4 or len(dilations) != 3:
             raise ValueError(
@@ -182,7 +183,7 @@ class ToyBackbone(Backbone):
         return features
 
 
-BACKBONES = ("resnet50", "tiny", "toy")
+BACKBONES = ("resnet50", "tiny", "small")
 
 
 def build_backbone(name: str, weights: str) -> Backbone:
@@ -190,8 +191,8 @@ def build_backbone(name: str, weights: str) -> Backbone:
         return ResNet50Backbone(weights)
     if name == "tiny":
         return TinyBackbone(weights)
-    if name == "toy":
-        return ToyBackbone(weights)
+    if name == "small":
+        return SmallImageBackbone(weights)
     raise ValueError(f"expected backbone one of {BACKBONES}, got {name!r}")
 
 

@@ -432,6 +432,6 @@ def refine_cams_with_random_walk(
 
 
 def build_affinity_net(backbone: str, weights: str) -> AffinityNet:
-    """AffinityNet on ``backbone`` ("resnet50": PSA's widths 64/128/256; otherwise the small widths 8/8/16)."""
+    """AffinityNet on ``backbone`` ("resnet50": PSA's widths 64/128/256; otherwise small widths 8/8/16)."""
     widths = (64, 128, 256) if backbone == "resnet50" else (8, 8, 16)
     return AffinityNet(backbone, weights, widths=widths)

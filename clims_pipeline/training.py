@@ -45,7 +45,7 @@ KILL_AT_STEP_ENV = "CLIMS_PIPELINE_TEST_KILL_AT_STEP"
 def learning_rate_factor(config: TrainConfig, step: int, total_steps: int) -> float:
     progress = min(step / max(total_steps, 1), 1.0)
     if config.schedule == "poly":
-        return (1.0 - progress) ** config.poly_power
+        return float((1.0 - progress) ** config.poly_power)
     if config.schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"expected schedule 'poly' or 'cosine', got {config.schedule!r}")
@@ -122,7 +122,8 @@ def load_final_model(path: Path, model: nn.Module) -> dict[str, Any]:
         raise FileNotFoundError(f"missing {path}: run the stage that writes it first")
     payload = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(payload["state_dict"])
-    return payload.get("meta", {})
+    meta: dict[str, Any] = payload.get("meta", {})
+    return meta
 
 
 def train_network(
@@ -149,7 +150,7 @@ def train_network(
             f"{stage}: batch size {config.batch_size} (global) must divide evenly over {world} processes"
         )
     per_rank_batch = config.batch_size // world
-    _, total_steps = plan_steps(len(dataset), config, stage)
+    _, total_steps = plan_steps(len(dataset), config, stage)  # type: ignore[arg-type]  # map-style: sized
 
     # DistributedSampler with drop_last + a per-rank DataLoader with drop_last: rank r's k-th batch is
     # perm[k*B + r :: world][:B/world], so the ranks of one step together see exactly the global batch k.
@@ -218,7 +219,7 @@ def train_network(
             with autocast_context(ctx.device, ctx.amp):
                 loss, parts = loss_fn(trained, batch)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
             scaler.step(optimizer)
             scaler.update()
             step += 1

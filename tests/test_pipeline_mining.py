@@ -173,9 +173,10 @@ def mine_toy_world(world: Path, clip_checkpoint: Path, split: str = "train") -> 
 
     from clims_loss.clip_loading import clip_input_size, clip_normalization
     from clims_pipeline import clip_training
+    from clims_pipeline.toy import clip as toy_clip
     from clims_pipeline.toy import world as toyworld
 
-    clip_model, tokenizer = cl.load_open_clip(clip_training.TINY_CLIP_NAME, pretrained=clip_checkpoint)
+    clip_model, tokenizer = cl.load_open_clip(toy_clip.TOY_CLIP_CONFIG, pretrained=clip_checkpoint)
     clip_model.eval()  # its ResNet's BatchNorm must use the trained statistics, not the batch's
     size = clip_input_size(clip_model)
     mean, std = (
@@ -206,6 +207,7 @@ def test_toy_world_each_object_finds_its_own_background(tmp_path: Path) -> None:
     import torch
 
     from clims_pipeline import clip_training
+    from clims_pipeline.toy import clip as toy_clip
     from clims_pipeline.toy import world as toyworld
 
     torch.set_num_threads(1)  # tiny models: threads only spin on a shared CPU
@@ -214,9 +216,9 @@ def test_toy_world_each_object_finds_its_own_background(tmp_path: Path) -> None:
     else:
         world, checkpoint = tmp_path / "world", tmp_path / "clip.pt"
         toyworld.generate_toy_world(world, n_train=4000, n_val=50, n_train_eval=1000, progress=False)
-        samples = clip_training.toy_world_samples(world)
+        samples = toy_clip.toy_world_samples(world)
         clip_training.train_clip(
-            samples, **clip_training.TOY_FROM_SCRATCH, batch_size=128, out_path=checkpoint, progress=False
+            samples, **toy_clip.TOY_FROM_SCRATCH, batch_size=128, out_path=checkpoint, progress=False
         )
     registry, scores = mine_toy_world(world, checkpoint)
     for class_name in toyworld.TOY_CLASSES:

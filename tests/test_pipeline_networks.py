@@ -9,8 +9,8 @@ import pytest
 import torch
 
 # isort: split
-from clims_pipeline.networks import CAMNet, CLIMSNet, ResNet50Backbone, build_network
 from clims_pipeline.cams import multiscale_cams, normalise_by_max, same_size_batches
+from clims_pipeline.networks import CAMNet, CLIMSNet, ResNet50Backbone, build_network
 
 
 def test_resnet50_backbone_has_output_stride_16_frozen_stem_and_frozen_statistics(tmp_path: Path) -> None:
@@ -75,11 +75,11 @@ def test_toy_backbone_receptive_field_follows_its_dilations() -> None:
     # The pixels that reach one stride-4 feature through the convolutions: about 31 px with dilations
     # (1, 1, 1), nearly the whole 64-px image with (2, 4, 2). GroupNorm is taken out: its per-image statistics
     # connect every pixel to every feature, but only as one shift and scale per channel.
-    from clims_pipeline.networks import ToyBackbone
+    from clims_pipeline.networks import SmallImageBackbone
 
     def reach(dilations: tuple[int, int, int]) -> int:
         torch.manual_seed(0)
-        backbone = ToyBackbone(dilations=dilations).eval()
+        backbone = SmallImageBackbone(dilations=dilations).eval()
         for block in (backbone.stem, *backbone.layers):
             block[1] = torch.nn.Identity()
         image = torch.randn(1, 3, 64, 64, requires_grad=True)
@@ -90,7 +90,7 @@ def test_toy_backbone_receptive_field_follows_its_dilations() -> None:
     assert 25 <= reach((1, 1, 1)) <= 33
     assert reach((2, 4, 2)) >= 55  # 71 px in theory, clipped by the frame
     with pytest.raises(ValueError, match="3 dilations"):
-        ToyBackbone(dilations=(1, 1))  # type: ignore[arg-type]
+        SmallImageBackbone(dilations=(1, 1))  # type: ignore[arg-type]
 
 
 def test_optimizer_choice_keeps_the_head_group_and_rejects_unknown_names() -> None:

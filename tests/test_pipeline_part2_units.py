@@ -153,7 +153,7 @@ def test_deeplab_output_stride_8(size: tuple[int, int]) -> None:
 
 @pytest.mark.parametrize("size", [(64, 64), (65, 97)])
 def test_toy_deeplab_output_stride_4_and_its_rates(size: tuple[int, int]) -> None:
-    model = build_deeplab(7, backbone="toy", weights="none").eval()
+    model = build_deeplab(7, backbone="small", weights="none").eval()
     with torch.no_grad():
         logits = model(torch.randn(1, 3, *size))
     assert logits.shape == (1, 7, -(-size[0] // 4), -(-size[1] // 4))

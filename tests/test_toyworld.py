@@ -15,6 +15,7 @@ from PIL import Image
 
 import clims_loss as cl
 from clims_pipeline import clip_training
+from clims_pipeline.toy import clip as toy_clip
 from clims_pipeline.toy import world as toyworld
 
 SMALL = dict(
@@ -171,17 +172,17 @@ def test_invalid_arguments_raise(tmp_path: Path) -> None:
 
 
 def test_train_clip_checkpoint_loads_back_with_identical_outputs(world: Path, tmp_path: Path) -> None:
-    samples = clip_training.toy_world_samples(world)
+    samples = toy_clip.toy_world_samples(world)
     out_path = tmp_path / "tiny.pt"
     result = clip_training.train_clip(
         samples, epochs=1, max_steps=3, batch_size=8, lr=1e-3, seed=0, out_path=out_path, progress=False
     )
     assert out_path.exists() and result.history["epochs"][0]["step"] == 3
-    loaded = open_clip.create_model(clip_training.TINY_CLIP_NAME, pretrained=str(out_path))
+    loaded = open_clip.create_model(toy_clip.TOY_CLIP_CONFIG, pretrained=str(out_path))
     loaded.eval()
-    fresh = open_clip.create_model(clip_training.TINY_CLIP_NAME)
+    fresh = open_clip.create_model(toy_clip.TOY_CLIP_CONFIG)
     fresh.eval()
-    tokenizer = open_clip.get_tokenizer(clip_training.TINY_CLIP_NAME)
+    tokenizer = open_clip.get_tokenizer(toy_clip.TOY_CLIP_CONFIG)
     images = torch.randn(2, 3, 64, 64)
     texts = tokenizer(["a photo of boat.", "a photo of water."])
     with torch.no_grad():
@@ -194,7 +195,7 @@ def test_train_clip_checkpoint_loads_back_with_identical_outputs(world: Path, tm
     registry = cl.BackgroundPromptRegistry(**toyworld.toy_prompts())
     assert registry.backgrounds_for("boat")[0] == "water"
     evaluator = cl.CLIPTextDrivenEvaluator.from_pretrained(
-        clip_training.TINY_CLIP_NAME, pretrained=out_path, prompts=registry
+        toy_clip.TOY_CLIP_CONFIG, pretrained=out_path, prompts=registry
     )
     labels = torch.zeros(2, len(toyworld.TOY_CLASSES))
     labels[0, 1] = labels[1, 3] = 1
@@ -203,10 +204,10 @@ def test_train_clip_checkpoint_loads_back_with_identical_outputs(world: Path, tm
     loss.backward()
     assert torch.isfinite(loss) and cams.grad is not None
     # The report runs on the checkpoint (values are meaningless after 3 steps, but well-defined).
-    report = clip_training.zero_shot_report(world, pretrained=out_path, batch_size=16)
+    report = toy_clip.zero_shot_report(world, pretrained=out_path, batch_size=16)
     assert 0.0 <= report["top1_in_labels_all"] <= 1.0
     assert set(report["per_class"]) == set(toyworld.TOY_CLASSES)
-    assert "ratio" in clip_training.format_report(report)
+    assert "ratio" in toy_clip.format_report(report)
 
 
 def test_label_captions_for_voc_layout(world: Path) -> None:
@@ -226,13 +227,13 @@ def test_soft_masks_keep_about_the_requested_area() -> None:
 
 
 def test_train_clip_resumes_instead_of_repeating(world: Path, tmp_path: Path) -> None:
-    samples = clip_training.toy_world_samples(world)
+    samples = toy_clip.toy_world_samples(world)
     settings = dict(epochs=2, batch_size=8, lr=1e-3, seed=0, out_path=tmp_path / "c.pt", progress=False)
     first = clip_training.train_clip(samples, **settings)
     assert Path(str(settings["out_path"]) + ".resume").exists()
     again = clip_training.train_clip(samples, **settings)  # complete: loads the state, trains nothing
     assert again.history["epochs"] == first.history["epochs"]
-    texts = open_clip.get_tokenizer(clip_training.TINY_CLIP_NAME)(["a photo of cow."])
+    texts = open_clip.get_tokenizer(toy_clip.TOY_CLIP_CONFIG)(["a photo of cow."])
     with torch.no_grad():
         torch.testing.assert_close(
             again.model.encode_text(texts), first.model.encode_text(texts), rtol=0, atol=0
@@ -240,10 +241,10 @@ def test_train_clip_resumes_instead_of_repeating(world: Path, tmp_path: Path) ->
 
 
 def test_toy_clip_corpus_adds_cutouts_and_backgrounds_and_masks_only_safe_samples(world: Path) -> None:
-    default_samples, default_maskable, default_darken = clip_training.toy_clip_corpus(world)  # "captions"
+    default_samples, default_maskable, default_darken = toy_clip.toy_clip_corpus(world)  # "captions"
     assert all(default_maskable) and not any(default_darken)
-    assert default_samples == clip_training.toy_world_samples(world)
-    samples, maskable, darken = clip_training.toy_clip_corpus(
+    assert default_samples == toy_clip.toy_world_samples(world)
+    samples, maskable, darken = toy_clip.toy_clip_corpus(
         world, object_cutouts=6, extra_backgrounds=7, mask_scenes=False
     )
     assert not any(darken)
@@ -263,14 +264,14 @@ def test_toy_clip_corpus_adds_cutouts_and_backgrounds_and_masks_only_safe_sample
         for term in terms
     )
     with pytest.raises(ValueError, match="toy CLIP corpus"):
-        clip_training.toy_corpus_settings("webb")
+        toy_clip.toy_corpus_settings("webb")
     with pytest.raises(ValueError, match="one maskable flag per sample"):
         clip_training.train_clip(samples, maskable=maskable[:-1], out_path=world / "x.pt", progress=False)
 
 
 def test_web_dark_corpus_masks_only_cutouts_and_adds_dark_scene_copies(world: Path) -> None:
-    settings = clip_training.toy_corpus_settings("web_dark")
-    samples, maskable, darken = clip_training.toy_clip_corpus(
+    settings = toy_clip.toy_corpus_settings("web_dark")
+    samples, maskable, darken = toy_clip.toy_clip_corpus(
         world,
         object_cutouts=5,
         extra_backgrounds=4,
@@ -287,7 +288,7 @@ def test_web_dark_corpus_masks_only_cutouts_and_adds_dark_scene_copies(world: Pa
     assert [i for i, d in enumerate(darken) if d] == list(range(len(samples) - 9, len(samples)))
     scene_images = {str(path) for path, _ in samples[:scenes]}
     for image, caption in samples[-9:]:  # copies of the world's scenes, captioned as dark pictures
-        assert str(image) in scene_images and caption in clip_training.DARK_CAPTIONS
+        assert str(image) in scene_images and caption in toy_clip.DARK_CAPTIONS
     with pytest.raises(ValueError, match="one darken flag per sample"):
         clip_training.train_clip(samples, darken=darken[:-1], out_path=world / "x.pt", progress=False)
 
@@ -328,7 +329,7 @@ def test_pixel_space_masking_fills_black_and_leaves_unmaskable_images_alone() ->
 
 
 def test_fixed_logit_scale_stays_fixed(world: Path, tmp_path: Path) -> None:
-    samples = clip_training.toy_world_samples(world)
+    samples = toy_clip.toy_world_samples(world)
     result = clip_training.train_clip(
         samples,
         epochs=1,

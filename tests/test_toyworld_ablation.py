@@ -105,13 +105,13 @@ def test_loss_landscape_script_on_a_tiny_world(tmp_path: Path) -> None:
     import open_clip
     import torch
 
-    from clims_pipeline import clip_training
+    from clims_pipeline.toy import clip as toy_clip
     from clims_pipeline.toy import world as toyworld
 
     world = tmp_path / "world"
     toyworld.generate_toy_world(world, n_train=8, n_val=6, n_background_only=0, progress=False)
     checkpoint = tmp_path / "clip.pt"
-    torch.save(open_clip.create_model(clip_training.TINY_CLIP_NAME).state_dict(), checkpoint)
+    torch.save(open_clip.create_model(toy_clip.TOY_CLIP_CONFIG).state_dict(), checkpoint)
     out = tmp_path / "landscape.json"
     report = landscape.main(["--world", str(world), "--clip", str(checkpoint), "--json", str(out)])
     assert set(landscape.MAP_FAMILIES) <= set(report) and json.loads(out.read_text())["ones"]["reg"] == 1.0

@@ -12,6 +12,7 @@ server's layout: ``<workdir>/eval_seg/submission/results/VOC2012/Segmentation/co
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,6 +72,11 @@ def predict(
     return out_dir, crf_dir
 
 
+def copy_file(source: Path, target: Path) -> None:
+    data = source.read_bytes()
+    atomic_write(target, lambda file: file.write(data))
+
+
 def predict_one(ctx: StageContext, model: MSC, image_id: str, out_dir: Path, crf_dir: Path | None) -> None:
     """Multi-scale + flip prediction of one image (and its CRF refinement) as palette PNGs."""
     config = ctx.config.eval_seg
@@ -127,7 +133,7 @@ def evaluate_segmentation(ctx: StageContext) -> None:
         else None
     )
     iou = iou_crf if iou_crf is not None else iou_plain
-    result = {
+    result: dict[str, Any] = {
         "miou": round(100 * mean_iou(iou), 2),
         "miou_no_crf": round(100 * mean_iou(iou_plain), 2),
         "miou_crf": None if iou_crf is None else round(100 * mean_iou(iou_crf), 2),
@@ -153,8 +159,7 @@ def evaluate_segmentation(ctx: StageContext) -> None:
         if ctx.dist.is_main:
             chosen = test_crf_dir if test_crf_dir is not None else test_dir
             for image_id in test_ids:
-                data = (chosen / f"{image_id}.png").read_bytes()
-                atomic_write(submission / f"{image_id}.png", lambda file, data=data: file.write(data))
+                copy_file(chosen / f"{image_id}.png", submission / f"{image_id}.png")
         result["test_submission"] = {
             "split": config.test_split,
             "images": len(test_ids),

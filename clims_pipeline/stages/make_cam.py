@@ -47,7 +47,8 @@ def load_cam_network(ctx: StageContext, source: str) -> CAMNet:
 
 def image_size(ctx: StageContext, image_id: str) -> tuple[int, int]:
     with Image.open(ctx.source.image_path(image_id)) as image:
-        return image.size
+        width, height = image.size
+    return int(width), int(height)
 
 
 @register_stage

@@ -237,7 +237,7 @@ def mine(ctx: StageContext) -> None:
             ],
         }
         ctx.update_results({"mined_backgrounds": summary})
-        ctx.logger(STAGE).log("mined", **summary)
+        ctx.logger(STAGE).log("mined", None, **summary)
         for class_name in registry.class_names:
             kept = zip(
                 registry.class_backgrounds.get(class_name, ()),

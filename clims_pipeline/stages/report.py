@@ -92,8 +92,8 @@ def write_report(ctx: StageContext) -> None:
         f"`{config.data.train_split}`, {ctx.dist.world_size} process(es) on {ctx.device}. "
         + PRESET_CAVEATS.get(
             config.preset,
-            f"The `{config.preset}` preset is not the paper's configuration: its numbers are not comparable with "
-            "the paper's VOC figures beside them.",
+            f"The `{config.preset}` preset is not the paper's configuration: its numbers are not comparable "
+            "with the paper's VOC figures beside them.",
         )
     )
     text = render_results_markdown(results, header)

@@ -44,6 +44,9 @@ from ..random_walk import (
 from ..runstate import output_digest
 from ..training import LossFunction, TrainerStage
 
+FLIP = Image.Transpose.FLIP_LEFT_RIGHT
+BILINEAR, NEAREST = Image.Resampling.BILINEAR, Image.Resampling.NEAREST
+
 
 def label_directory(ctx: StageContext) -> Path:
     return ctx.workdir / "train_aff" / "labels"
@@ -133,9 +136,12 @@ class AffinityCropDataset(Dataset[dict[str, Any]]):
         image = random_rescale_long_side(
             image, rng, (int(self.config.resize_long[0]), int(self.config.resize_long[1]))
         )
-        labels = labels.resize(image.size, Image.NEAREST)
+        labels = labels.resize(image.size, NEAREST)
         if rng.random() < 0.5:
-            image, labels = image.transpose(Image.FLIP_LEFT_RIGHT), labels.transpose(Image.FLIP_LEFT_RIGHT)
+            image, labels = (
+                image.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+                labels.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+            )
         image = color_jitter(image, tuple(self.config.color_jitter), rng)
         crop, crop_labels = crop_image_and_labels(image, np.asarray(labels), self.config.crop_size, rng)
         grid_labels = downsample_labels(torch.from_numpy(crop_labels)[None], FEATURE_STRIDE, self.num_labels)[

@@ -47,7 +47,8 @@ class TrainClip(Stage):
             register_clip_configs(ctx)
             corpus = caption_corpus(ctx)
             ctx.print(
-                f"[train_clip] {config.model} on {len(corpus.samples)} captions ({config.captions}) -> {out_path}"
+                f"[train_clip] {config.model} on {len(corpus.samples)} captions ({config.captions}) "
+                f"-> {out_path}"
             )
             result = train_clip(
                 corpus.samples,

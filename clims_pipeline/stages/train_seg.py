@@ -27,6 +27,9 @@ from ..label_maps import crop_image_and_labels, pseudo_mask_directory, read_labe
 from ..runstate import output_digest
 from ..training import LossFunction, TrainerStage
 
+FLIP = Image.Transpose.FLIP_LEFT_RIGHT
+BILINEAR, NEAREST = Image.Resampling.BILINEAR, Image.Resampling.NEAREST
+
 
 class SegmentationCropDataset(Dataset[dict[str, Any]]):
     """Random-scale, flip and crop of (image, mask) pairs, indexed by ``(epoch, index)``."""
@@ -61,9 +64,15 @@ class SegmentationCropDataset(Dataset[dict[str, Any]]):
         mask = Image.fromarray(self.load_mask(image_id))
         scale = float(rng.choice(self.config.scales))
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image, mask = image.resize(size, Image.BILINEAR), mask.resize(size, Image.NEAREST)
+        image, mask = (
+            image.resize(size, Image.Resampling.BILINEAR),
+            mask.resize(size, Image.Resampling.NEAREST),
+        )
         if rng.random() < 0.5:
-            image, mask = image.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)
+            image, mask = (
+                image.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+                mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+            )
         crop, labels = crop_image_and_labels(image, np.asarray(mask), self.config.crop_size, rng)
         return {"image": torch.from_numpy(crop), "label": torch.from_numpy(labels), "index": index}
 
@@ -131,7 +140,7 @@ class TrainSeg(TrainerStage):
         def loss_fn(
             network: nn.Module, batch: dict[str, torch.Tensor]
         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            # Normalised by the labelled pixels of the global batch, so that a DDP step equals a 1-process step.
+            # Normalised by the labelled pixels of the global batch: a DDP step equals a 1-process step.
             return msc_loss(network(batch["image"]), batch["label"], world_size=world_size), {}
 
         return loss_fn

@@ -336,9 +336,9 @@ def build_toy_evaluator(
 ) -> Any:
     import clims_loss as cl
 
-    from .. import clip_training  # registers the tiny CLIP config with open_clip
+    from .clip import register_toy_clip_config
 
-    clip_training.register_model_configs()
+    register_toy_clip_config()
     prompts = toy_registry(similarity, cbs_reduction, class_backgrounds)
     return cl.CLIPTextDrivenEvaluator.from_pretrained(
         clip_name,

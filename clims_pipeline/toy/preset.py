@@ -38,7 +38,7 @@ def apply_toy_preset(config: PipelineConfig) -> None:
         crop_size=64,
         num_workers=0,
     )
-    config.network = NetworkConfig(backbone="toy", weights="none")
+    config.network = NetworkConfig(backbone="small", weights="none")
     # AdamW: the toy backbone starts from random weights (the paper's starts from ImageNet). SGD (lr 0.1,
     # 3 epochs) left it near the label-frequency prior on objects cut out of their backgrounds.
     config.train_cam = TrainConfig(
@@ -105,7 +105,7 @@ def apply_toy_preset(config: PipelineConfig) -> None:
             optimizer="adamw",
             log_every=50,
         ),
-        backbone="toy",
+        backbone="small",
         weights="none",
         crop_size=65,
         scales=(0.9, 1.0, 1.1),

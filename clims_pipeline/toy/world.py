@@ -49,6 +49,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..files import atomic_write
+
 TOY_CLASSES: tuple[str, ...] = ("aeroplane", "boat", "train", "cow", "car", "bird")
 TOY_BACKGROUNDS: tuple[str, ...] = ("sky", "water", "railroad", "grass", "road", "trees")
 
@@ -1033,9 +1035,7 @@ def _progress(total: int, description: str, enabled: bool) -> Any:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
 
 
 def _jpeg_error(
@@ -1215,95 +1215,3 @@ def render_background_captions(
         template = _BACKGROUND_TEMPLATES[int(rng.integers(len(_BACKGROUND_TEMPLATES)))]
         captions.append(template.format(b=_background_phrase(rng, [background])))
     return images, captions
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Measurement entry point: generate the world, train the tiny CLIP, report accuracy and bias."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("root", type=Path, help="directory to write the toy world into")
-    parser.add_argument("--n-train", type=int, default=12000)
-    parser.add_argument("--n-val", type=int, default=1000)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument(
-        "--train-clip",
-        type=Path,
-        default=None,
-        metavar="CHECKPOINT",
-        help="also train the tiny CLIP on the captions and save it here",
-    )
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
-    args = parser.parse_args(argv)
-
-    started = time.perf_counter()
-    metadata = generate_toy_world(
-        args.root,
-        n_train=args.n_train,
-        n_val=args.n_val,
-        image_size=args.image_size,
-        seed=args.seed,
-        num_workers=args.workers,
-        overwrite=args.overwrite,
-    )
-    print(
-        f"toy world at {args.root}: {metadata['splits']} in {time.perf_counter() - started:.1f} s "
-        f"(generation itself {metadata['generation_seconds']} s with {metadata['num_workers']} worker(s))"
-    )
-    stats = metadata["statistics"]
-    print(f"instance co-occurrence rate per class: {stats['instance_context_rate']}")
-    print(f"image co-occurrence rate per class:    {stats['image_context_rate']}")
-    print(
-        f"objects per image {stats['objects_per_image']}, classes per image {stats['classes_per_image']}, "
-        f"JPEG mean abs error {metadata['jpeg_mean_abs_error']} grey levels"
-    )
-    if args.train_clip is None:
-        return
-
-    import torch
-
-    from .. import clip_training
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    train_samples, maskable, _ = clip_training.toy_clip_corpus(args.root, seed=args.seed)
-    started = time.perf_counter()
-    clip_training.train_clip(
-        train_samples,
-        maskable=maskable,
-        model_name=clip_training.TINY_CLIP_NAME,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        out_path=args.train_clip,
-    )
-    train_seconds = time.perf_counter() - started
-    print(f"tiny CLIP trained in {train_seconds:.1f} s -> {args.train_clip}")
-    started = time.perf_counter()
-    report = clip_training.zero_shot_report(
-        args.root, model_name=clip_training.TINY_CLIP_NAME, pretrained=args.train_clip
-    )
-    print(clip_training.format_report(report))
-    print(f"(report in {time.perf_counter() - started:.1f} s)")
-    report["wall_seconds"] = {
-        "generation": metadata["generation_seconds"],
-        "clip_training": round(train_seconds, 1),
-        "report": round(time.perf_counter() - started, 1),
-    }
-    report["torch_threads"] = torch.get_num_threads()
-    report_path = args.train_clip.with_name(args.train_clip.name + ".report.json")
-    _write_text_atomic(report_path, json.dumps(report, indent=2))
-    print(f"report written to {report_path}")
-
-
-if __name__ == "__main__":
-    main()

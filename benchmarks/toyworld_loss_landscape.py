@@ -8,7 +8,7 @@ class prompt (``s_fg``), of the background view (``s_bg``), of the foreground vi
 background prompts (``s_fg_bg``), the unweighted terms and the weighted total. See docs/toyworld.md.
 
     python benchmarks/toyworld_loss_landscape.py --world runs/toyworld/toyworld \\
-        --clip runs/toyworld/train_clip/clims-tiny-clip-<hash>.pt
+        --clip runs/toyworld/train_clip/model.pt
 """
 
 from __future__ import annotations

@@ -146,12 +146,14 @@ def fallback_source() -> DataSourceSpec | None:
 def resolve_run_defaults(args: argparse.Namespace, recorded: PipelineConfig | None) -> DataSourceSpec:
     """Fill in the data set, its root, preset, work directory and stages that the flags leave open."""
     if args.voc_root or args.coco_root:
+        # --voc-root is any VOC-layout root (VOC itself, or a plug-in's data in that layout).
         given = "voc" if args.voc_root else "coco"
-        if args.dataset not in (None, given):
+        if args.dataset is not None and (args.dataset == "coco") != (given == "coco"):
             raise SystemExit(
-                f"clims-pipeline: error: --{given}-root goes with --dataset {given}, not {args.dataset}"
+                f"clims-pipeline: error: --{given}-root does not go with --dataset {args.dataset}; "
+                "use --data-root"
             )
-        args.dataset, args.data_root = given, args.voc_root or args.coco_root
+        args.dataset, args.data_root = args.dataset or given, args.voc_root or args.coco_root
     if args.dataset is None:
         if recorded is not None:
             args.dataset = recorded.dataset

@@ -136,15 +136,24 @@ class StageOutput:
         self.say(f"[{self.stage}] done already: {what or self.directory} (use --force to redo it)")
         return True
 
-    def begin(self, keep_files: bool = True) -> None:
+    def begin(self, keep_files: bool = True, refuse_stale_partial: bool = False) -> None:
         """Start (or resume) the output: a stale or forced one is removed first, with the reason.
 
         With ``keep_files`` an unfinished output made with the same fingerprint keeps its files (resume).
+        With ``refuse_stale_partial`` an *unfinished* output made with other settings (a training run that
+        was interrupted) is not thrown away: a RuntimeError names what changed and asks for ``--force``.
         Collective: every rank calls it.
         """
         if self.dist.is_main:
             changes = self.changes()
             stale = changes is not None and bool(changes)
+            manifest = read_manifest(self.directory) or {}
+            if stale and refuse_stale_partial and not self.force and not manifest.get("complete"):
+                raise RuntimeError(
+                    f"{self.directory} holds an unfinished {self.stage} run with other settings "
+                    f"({describe_changes(changes or [])} changed); rerun with --force to start "
+                    f"{self.stage} over"
+                )
             if (stale or self.force) and self.directory.exists():
                 reason = "--force" if self.force else f"{describe_changes(changes or [])} changed"
                 self.say(f"[{self.stage}] recomputing {self.directory} because {reason}")
@@ -177,10 +186,10 @@ class StageOutput:
 
     # ------------------------------------------------------------------------------------ per-image files
 
-    def todo(self, items: Sequence[Item], path_of: Callable[[Item], Path]) -> list[Item]:
+    def todo(self, items: Sequence[Item], path_of: Callable[[Item], Path], what: str = "files") -> list[Item]:
         """The items whose file is not there yet, after saying how many are done."""
         missing = [item for item in items if not path_of(item).exists()]
-        self.say(f"[{self.stage}] {len(items) - len(missing)} of {len(items)} done already")
+        self.say(f"[{self.stage}] {len(items) - len(missing)} of {len(items)} {what} done already")
         return missing
 
     def share(self, items: Sequence[Item]) -> list[Item]:

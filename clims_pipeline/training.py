@@ -141,7 +141,7 @@ def train_network(
     stage = output.stage
     final_path = output.directory / "model.pt"
     checkpoint_path = output.directory / "checkpoint.pt"
-    output.begin()
+    output.begin(refuse_stale_partial=True)  # an interrupted run with other settings is kept (use --force)
     fingerprint = output.fingerprint
 
     world, rank = ctx.dist.world_size, ctx.dist.rank

@@ -86,7 +86,9 @@ def test_register_and_unknown_names() -> None:
         BackgroundPromptRegistry.register("test-mine", custom)
     BackgroundPromptRegistry.register("test-mine", lambda: custom.replace(name="again"), overwrite=True)
     assert BackgroundPromptRegistry.preset("test-mine").name == "again"
-    with pytest.raises(KeyError, match=r"unknown preset 'pascal'; known presets: coco, test-mine, (toy, )?voc"):
+    with pytest.raises(
+        KeyError, match=r"unknown preset 'pascal'; known presets: coco, test-mine, (toy, )?voc"
+    ):
         BackgroundPromptRegistry.preset("pascal")
     with pytest.raises(KeyError, match=r"unknown class 'ship'; known classes: .*boat"):
         BackgroundPromptRegistry.preset("voc").backgrounds_for("ship")

@@ -74,7 +74,9 @@ def test_train_clims_uses_the_mined_backgrounds(mined_run: tuple[Path, Path]) ->
     assert evaluator_records(workdir)[-1]["backgrounds"]["backgrounds"] == "mined"
 
 
-def test_a_registry_file_replaces_the_backgrounds_only(mined_run: tuple[Path, Path], tmp_path: Path) -> None:
+def test_a_registry_file_replaces_the_backgrounds_only(
+    mined_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     voc_root, workdir = mined_run
     edited = cl.BackgroundPromptRegistry.from_json(workdir / MINED).replace(
         name="edited",
@@ -85,10 +87,11 @@ def test_a_registry_file_replaces_the_backgrounds_only(mined_run: tuple[Path, Pa
     path = tmp_path / "edited.json"
     edited.to_json(path)
     args = ["--voc-root", voc_root, "--workdir", workdir, *FAST_SMOKE_ARGS, *ONE_STEP]
-    # A model trained with the mined backgrounds exists: another choice must not reuse it silently.
-    with pytest.raises(RuntimeError, match="trained with backgrounds"):
-        run_cli([*args, "--stages", "train_clims", "--backgrounds", path])
-    assert run_cli([*args, "--stages", "train_clims", "--backgrounds", path, "--force"]) == 0
+    # A model trained with the mined backgrounds exists: another choice retrains it, and says why.
+    capsys.readouterr()
+    assert run_cli([*args, "--stages", "train_clims", "--backgrounds", path]) == 0
+    printed = capsys.readouterr().out
+    assert "[train_clims] recomputing" in printed and "backgrounds.backgrounds" in printed
     used = used_backgrounds(workdir)
     assert used["boat"] == ["harbor", "dock"]
     assert all(terms == [] for name, terms in used.items() if name != "boat")
@@ -218,7 +221,12 @@ def test_toy_world_each_object_finds_its_own_background(tmp_path: Path) -> None:
         toyworld.generate_toy_world(world, n_train=4000, n_val=50, n_train_eval=1000, progress=False)
         samples = toy_clip.toy_world_samples(world)
         clip_training.train_clip(
-            samples, **toy_clip.TOY_FROM_SCRATCH, batch_size=128, out_path=checkpoint, progress=False
+            samples,
+            model_name=toy_clip.TOY_CLIP_CONFIG,
+            **toy_clip.TOY_FROM_SCRATCH,
+            batch_size=128,
+            out_path=checkpoint,
+            progress=False,
         )
     registry, scores = mine_toy_world(world, checkpoint)
     for class_name in toyworld.TOY_CLASSES:

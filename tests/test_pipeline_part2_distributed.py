@@ -96,11 +96,11 @@ def results(workdir: Path) -> dict:
 
 def test_train_aff_two_process_steps_equal_single_process_steps(runs: dict[str, Path]) -> None:
     from clims_pipeline.config import build_config
-    from clims_pipeline.stages.train_aff import build_affinity_net
+    from clims_pipeline.random_walk import build_affinity_net
 
     assert_same_pngs(runs["aff"] / "train_aff" / "labels", runs["ddp"] / "train_aff" / "labels")
     torch.manual_seed(3)  # the stage's initialisation
-    initial = build_affinity_net(build_config("smoke").train_aff, "none").state_dict()
+    initial = build_affinity_net(build_config("smoke").train_aff.backbone, "none").state_dict()
     assert_step_matches(
         runs["aff"] / "train_aff" / "model.pt", runs["ddp"] / "train_aff" / "model.pt", initial
     )

@@ -158,8 +158,8 @@ def test_toy_deeplab_output_stride_4_and_its_rates(size: tuple[int, int]) -> Non
         logits = model(torch.randn(1, 3, *size))
     assert logits.shape == (1, 7, -(-size[0] // 4), -(-size[1] // 4))
     assert [branch.dilation[0] for branch in model.base.aspp.branches] == [2, 4, 6, 8]
-    with pytest.raises(ValueError, match="'toy'"):
-        DeepLabV2(7, backbone="toyy", weights="none")
+    with pytest.raises(ValueError, match="'small'"):
+        DeepLabV2(7, backbone="smalll", weights="none")
 
 
 def test_resnet101_deeplab_shape() -> None:

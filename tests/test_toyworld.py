@@ -175,7 +175,15 @@ def test_train_clip_checkpoint_loads_back_with_identical_outputs(world: Path, tm
     samples = toy_clip.toy_world_samples(world)
     out_path = tmp_path / "tiny.pt"
     result = clip_training.train_clip(
-        samples, epochs=1, max_steps=3, batch_size=8, lr=1e-3, seed=0, out_path=out_path, progress=False
+        samples,
+        model_name=toy_clip.TOY_CLIP_CONFIG,
+        epochs=1,
+        max_steps=3,
+        batch_size=8,
+        lr=1e-3,
+        seed=0,
+        out_path=out_path,
+        progress=False,
     )
     assert out_path.exists() and result.history["epochs"][0]["step"] == 3
     loaded = open_clip.create_model(toy_clip.TOY_CLIP_CONFIG, pretrained=str(out_path))
@@ -229,9 +237,11 @@ def test_soft_masks_keep_about_the_requested_area() -> None:
 def test_train_clip_resumes_instead_of_repeating(world: Path, tmp_path: Path) -> None:
     samples = toy_clip.toy_world_samples(world)
     settings = dict(epochs=2, batch_size=8, lr=1e-3, seed=0, out_path=tmp_path / "c.pt", progress=False)
-    first = clip_training.train_clip(samples, **settings)
+    first = clip_training.train_clip(samples, model_name=toy_clip.TOY_CLIP_CONFIG, **settings)
     assert Path(str(settings["out_path"]) + ".resume").exists()
-    again = clip_training.train_clip(samples, **settings)  # complete: loads the state, trains nothing
+    again = clip_training.train_clip(
+        samples, model_name=toy_clip.TOY_CLIP_CONFIG, **settings
+    )  # complete: loads the state, trains nothing
     assert again.history["epochs"] == first.history["epochs"]
     texts = open_clip.get_tokenizer(toy_clip.TOY_CLIP_CONFIG)(["a photo of cow."])
     with torch.no_grad():
@@ -266,7 +276,13 @@ def test_toy_clip_corpus_adds_cutouts_and_backgrounds_and_masks_only_safe_sample
     with pytest.raises(ValueError, match="toy CLIP corpus"):
         toy_clip.toy_corpus_settings("webb")
     with pytest.raises(ValueError, match="one maskable flag per sample"):
-        clip_training.train_clip(samples, maskable=maskable[:-1], out_path=world / "x.pt", progress=False)
+        clip_training.train_clip(
+            samples,
+            model_name=toy_clip.TOY_CLIP_CONFIG,
+            maskable=maskable[:-1],
+            out_path=world / "x.pt",
+            progress=False,
+        )
 
 
 def test_web_dark_corpus_masks_only_cutouts_and_adds_dark_scene_copies(world: Path) -> None:
@@ -290,7 +306,13 @@ def test_web_dark_corpus_masks_only_cutouts_and_adds_dark_scene_copies(world: Pa
     for image, caption in samples[-9:]:  # copies of the world's scenes, captioned as dark pictures
         assert str(image) in scene_images and caption in toy_clip.DARK_CAPTIONS
     with pytest.raises(ValueError, match="one darken flag per sample"):
-        clip_training.train_clip(samples, darken=darken[:-1], out_path=world / "x.pt", progress=False)
+        clip_training.train_clip(
+            samples,
+            model_name=toy_clip.TOY_CLIP_CONFIG,
+            darken=darken[:-1],
+            out_path=world / "x.pt",
+            progress=False,
+        )
 
 
 def test_darkening_scales_only_the_flagged_images_within_the_range() -> None:
@@ -332,6 +354,7 @@ def test_fixed_logit_scale_stays_fixed(world: Path, tmp_path: Path) -> None:
     samples = toy_clip.toy_world_samples(world)
     result = clip_training.train_clip(
         samples,
+        model_name=toy_clip.TOY_CLIP_CONFIG,
         epochs=1,
         max_steps=2,
         batch_size=8,
@@ -343,5 +366,9 @@ def test_fixed_logit_scale_stays_fixed(world: Path, tmp_path: Path) -> None:
     assert result.history["meta"]["fixed_logit_scale"] == 100.0
     with pytest.raises(ValueError, match="fixed_logit_scale"):
         clip_training.train_clip(
-            samples, out_path=tmp_path / "u.pt", progress=False, fixed_logit_scale=1000.0
+            samples,
+            model_name=toy_clip.TOY_CLIP_CONFIG,
+            out_path=tmp_path / "u.pt",
+            progress=False,
+            fixed_logit_scale=1000.0,
         )

@@ -83,7 +83,7 @@ class MakeCam(Stage):
         def path_of(image_id: str) -> Path:
             return output.directory / f"{image_id}.npy"
 
-        todo = output.todo(image_ids, path_of)
+        todo = output.todo(image_ids, path_of, "images")
         # Sort by size so that equal-size images batch together, then deal them out so every rank gets a
         # similar mix.
         sizes = {image_id: image_size(ctx, image_id) for image_id in todo}

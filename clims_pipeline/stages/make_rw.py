@@ -98,7 +98,7 @@ def walk_and_evaluate(ctx: StageContext) -> None:
     def path_of(image_id: str) -> Path:
         return output.directory / f"{image_id}.png"
 
-    todo = output.todo(image_ids, path_of)
+    todo = output.todo(image_ids, path_of, "pseudo masks")
     with small_op_threads(ctx, ctx.config.train_aff.backbone == "tiny"):
         for image_id in tqdm(
             output.share(todo), desc="make_rw", disable=not ctx.dist.is_main, dynamic_ncols=True

@@ -70,7 +70,7 @@ def make_affinity_labels(ctx: StageContext, image_ids: list[str]) -> None:
     def path_of(image_id: str) -> Path:
         return output.directory / f"{image_id}.png"
 
-    shard = output.share(output.todo(image_ids, path_of))
+    shard = output.share(output.todo(image_ids, path_of, "affinity labels"))
     for image_id in tqdm(shard, desc="affinity labels", disable=not ctx.dist.is_main, dynamic_ncols=True):
         image = np.asarray(ctx.source.load_image(image_id))
         cam = load_cam_file(cam_dir / f"{image_id}.npy")

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..config import ClipTrainConfig, NetworkConfig, PipelineConfig, TrainConfig, register_config_section
+from .clip import TOY_CLIP_CONFIG
 
 
 @dataclass
@@ -53,7 +54,7 @@ def apply_toy_preset(config: PipelineConfig) -> None:
     )
     config.train_clip = ClipTrainConfig(
         enabled=True,
-        model="clims-tiny-clip",
+        model=TOY_CLIP_CONFIG,
         pretrained="none",
         captions="toy",
         caption_splits=("train_aug", "background_only_train"),
@@ -65,7 +66,7 @@ def apply_toy_preset(config: PipelineConfig) -> None:
         corpus="web_dark",
         fixed_logit_scale=100.0,
     )
-    config.train_clims.clip = "clims-tiny-clip"
+    config.train_clims.clip = TOY_CLIP_CONFIG
     config.train_clims.clip_pretrained = "train_clip"  # the file stage train_clip writes
     config.train_clims.loss_weights = dict(TOY_LOSS_WEIGHTS)
     config.train_clims.train = TrainConfig(

@@ -69,6 +69,11 @@ def resolve_clip_pretrained(ctx: StageContext) -> str | None:
     return None if value in ("", "none") else value
 
 
+def clip_inputs(ctx: StageContext) -> tuple[str, ...]:
+    """The stage whose output is the evaluator's CLIP, when it comes from this run (``train_clip``)."""
+    return ("train_clip",) if ctx.config.train_clims.clip_pretrained == FROM_TRAIN_CLIP else ()
+
+
 def clip_identity(ctx: StageContext) -> dict[str, Any]:
     """What identifies the evaluator's CLIP in a fingerprint: its name and where its weights come from."""
     value = ctx.config.train_clims.clip_pretrained

@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import clims_loss as cl
+
 # The paper's CLIP fine-tuning on label captions (camera-ready CLIMS).
 PAPER_FINETUNE: dict[str, float] = {"lr": 5e-5, "epochs": 20, "weight_decay": 0.003}
 ImageSource = str | os.PathLike[str] | np.ndarray | Image.Image
@@ -256,18 +258,9 @@ def create_model(
     device: str | torch.device | None = None,
     quick_gelu: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
-    """open_clip model + tokenizer; ``pretrained`` is a tag or a checkpoint file (as open_clip takes it).
-
-    ``quick_gelu``: OpenAI's CLIP weights (and models fine-tuned from them) need QuickGELU; a model built
-    with plain GELU loads them silently and computes worse features.
-    """
-    model = open_clip.create_model(
-        model_name,
-        pretrained=str(pretrained) if pretrained else None,
-        device=_default_device(device),
-        force_quick_gelu=quick_gelu,
-    )
-    return model, open_clip.get_tokenizer(model_name)
+    """open_clip model + tokenizer through ``clims_loss.load_open_clip``; ``pretrained`` is a tag or a
+    checkpoint file. ``quick_gelu``: OpenAI's CLIP weights (and models tuned from them) need QuickGELU."""
+    return cl.load_open_clip(model_name, pretrained, quick_gelu=quick_gelu, device=_default_device(device))
 
 
 @dataclass

@@ -34,19 +34,48 @@ from .config import PipelineConfig
 from .data import SegmentationSource, build_source
 from .distributed import DistributedInfo, barrier
 from .files import update_results
-from .runstate import StageOutput
+from .runstate import StageOutput, read_manifest
 
 
 class Stage:
-    """One step of the pipeline. Subclasses set ``name``, ``order`` and ``help`` and override the hooks."""
+    """One step of the pipeline: inputs -> work -> outputs.
+
+    Subclasses set ``name``, ``order``, ``help`` and ``reads`` (the earlier stages whose outputs they read)
+    and override the hooks: ``check`` (their own input checks), ``run`` (the work) and, where the output is
+    not ``<workdir>/<name>``, ``output_directory``. The base class owns the preflight: every input named by
+    ``inputs`` must be a complete output already, or come from a stage selected in this run.
+    """
 
     name: ClassVar[str]
     order: ClassVar[float]
     help: ClassVar[str]
+    reads: ClassVar[tuple[str, ...]] = ()
+
+    def inputs(self, ctx: StageContext) -> tuple[str, ...]:
+        """The stages whose outputs this run of the stage reads (``reads`` unless it depends on settings)."""
+        return self.reads
+
+    def output_directory(self, ctx: StageContext) -> Path:
+        """Where the stage's output and its manifest live."""
+        return ctx.workdir / self.name
+
+    def check(self, ctx: StageContext) -> None:
+        """The stage's own input checks (data lists, files, optional dependencies)."""
 
     def preflight(self, ctx: StageContext) -> None:
-        """Check the stage's inputs; the preflights of all selected stages run before the first stage, so a
-        broken data set or a missing file stops the pipeline before any training."""
+        """Runs for every selected stage before the first one starts, so that a broken data set or a missing
+        input stops the pipeline before any training."""
+        self.check(ctx)
+        for producer in self.inputs(ctx):
+            if producer in ctx.requested_stages:
+                continue
+            directory = STAGES[producer].output_directory(ctx)
+            manifest = read_manifest(directory)
+            if manifest is None or not manifest.get("complete"):
+                raise FileNotFoundError(
+                    f"{self.name} reads the output of {producer} in {directory}, which is missing or "
+                    f"unfinished: run stage {producer} first (e.g. --stages {producer},{self.name})"
+                )
 
     def run(self, ctx: StageContext) -> None:
         """Read the inputs, do the work, write the outputs (reusing current ones)."""

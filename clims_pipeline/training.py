@@ -107,6 +107,70 @@ def small_op_threads(ctx: StageContext, tiny_network: bool) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+class ScheduledSteps:
+    """The optimisation step every trainer here takes (the pipeline's ``train_network`` and the in-memory
+    ablation trainer): each group's lr set from the schedule, the loss, a backward (through the grad scaler
+    when there is one), the optimiser step, and a stop on a non-finite loss."""
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, base_lrs: list[float], config: TrainConfig, total_steps: int
+    ):
+        self.optimizer, self.base_lrs, self.config, self.total_steps = (
+            optimizer,
+            base_lrs,
+            config,
+            total_steps,
+        )
+
+    def step(
+        self,
+        step: int,
+        compute_loss: Callable[[], tuple[torch.Tensor, dict[str, Any]]],
+        scaler: torch.amp.GradScaler | None = None,
+        what: str = "training",
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Take optimisation step ``step`` (0-based); return the loss and its logged parts."""
+        factor = learning_rate_factor(self.config, step, self.total_steps)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base_lr * factor
+        loss, parts = compute_loss()
+        self.optimizer.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+            self.optimizer.step()
+        else:
+            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+            scaler.step(self.optimizer)
+            scaler.update()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{what}: non-finite loss {loss.item()} at step {step + 1}")
+        return loss, parts
+
+
+class RunningSums:
+    """Sums of the logged values since the last log line, due every ``log_every`` steps and at the end."""
+
+    def __init__(self, log_every: int):
+        self.log_every = log_every
+        self.sums: dict[str, float] = {}
+
+    def add(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(
+                value.detach() if torch.is_tensor(value) else value
+            )
+
+    def due(self, step: int, total_steps: int) -> int:
+        """How many steps the sums cover when a log line is due after ``step`` (1-based); 0 otherwise."""
+        if step % self.log_every == 0:
+            return self.log_every
+        return step % self.log_every if step == total_steps else 0
+
+    def take(self) -> dict[str, float]:
+        sums, self.sums = self.sums, {}
+        return sums
+
+
 def autocast_context(device: torch.device, enabled: bool) -> torch.autocast:
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
@@ -171,6 +235,7 @@ def train_network(
 
     model.to(ctx.device)
     optimizer, base_lrs = optimizer_with_head_group(model, config)
+    schedule = ScheduledSteps(optimizer, base_lrs, config, total_steps)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp and ctx.device.type == "cuda")
 
     # The number of processes is not part of the fingerprint: the global batches, and so the optimisation, do
@@ -205,38 +270,28 @@ def train_network(
     epoch = start_epoch
     while step < total_steps:
         sampler.set_epoch(epoch)
-        running: dict[str, float] = {}
+        running = RunningSums(config.log_every)
         for batch in loader:
             if step >= total_steps:
                 break
-            factor = learning_rate_factor(config, step, total_steps)
-            for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base_lr * factor
             batch = {
                 key: value.to(ctx.device, non_blocking=True) if torch.is_tensor(value) else value
                 for key, value in batch.items()
             }
-            with autocast_context(ctx.device, ctx.amp):
-                loss, parts = loss_fn(trained, batch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
-            scaler.step(optimizer)
-            scaler.update()
+
+            def compute_loss(batch: dict[str, Any] = batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                with autocast_context(ctx.device, ctx.amp):
+                    return loss_fn(trained, batch)
+
+            loss, parts = schedule.step(step, compute_loss, scaler, stage)
             step += 1
             progress.update(1)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{stage}: non-finite loss {loss.item()} at step {step}")
-            for key, value in {"loss": loss, **parts}.items():
-                running[key] = running.get(key, 0.0) + float(value.detach())
-            if step % config.log_every == 0 or step == total_steps:
-                averaged = _average_over_ranks(
-                    running,
-                    config.log_every if step % config.log_every == 0 else step % config.log_every,
-                    ctx.device,
-                )
+            running.add({"loss": loss, **parts})
+            count = running.due(step, total_steps)
+            if count:
+                averaged = _average_over_ranks(running.take(), count, ctx.device)
                 logger.log("train", step=step, epoch=epoch, lr=optimizer.param_groups[0]["lr"], **averaged)
                 progress.set_postfix(loss=f"{averaged['loss']:.4f}")
-                running = {}
             if kill_at_step and step == kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
         epoch += 1

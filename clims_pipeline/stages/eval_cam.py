@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..cams import cam_directory, foreground_prediction, load_cam_file, resolve_cam_source
+from ..config import EvalCamConfig
 from ..context import Stage, StageContext, register_stage
 from ..data import VOID_LABEL, DatasetError
 from ..distributed import all_reduce_sum
@@ -36,15 +37,16 @@ class EvalCam(Stage):
         "CAM mIoU with a background-threshold sweep, per-class table, overlays",
     )
 
-    def preflight(self, ctx: StageContext) -> None:
+    reads = ("make_cam",)
+
+    def check(self, ctx: StageContext) -> None:
         ctx.validate_split(ctx.config.data.eval_split, need_masks=True)
 
     def run(self, ctx: StageContext) -> None:
-        evaluate_cams(ctx)
+        evaluate_cams(ctx, ctx.config.eval_cam)
 
 
-def evaluate_cams(ctx: StageContext) -> None:
-    config = ctx.config.eval_cam
+def evaluate_cams(ctx: StageContext, config: EvalCamConfig) -> None:
     source = resolve_cam_source(ctx)
     cam_dir = cam_directory(ctx, source)
     split = ctx.config.data.eval_split

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..config import EvalSegConfig
 from ..context import Stage, StageContext, register_stage
 from ..crf import DEEPLAB_CRF, dense_crf, require_densecrf
 from ..data import DatasetError, normalize_image
@@ -94,22 +95,18 @@ def predict_one(ctx: StageContext, model: MSC, image_id: str, out_dir: Path, crf
 class EvalSeg(Stage):
     name, order = "eval_seg", 80
     help = "DeepLabV2 mIoU on val (multi-scale + flip, optional CRF), per-class table, test predictions"
+    reads = ("train_seg",)
 
-    def preflight(self, ctx: StageContext) -> None:
+    def check(self, ctx: StageContext) -> None:
         ctx.validate_split(ctx.config.eval_seg.split, need_masks=True)
         if ctx.config.eval_seg.crf:
             require_densecrf()
-        if not final_model_path(ctx, "train_seg").exists() and "train_seg" not in ctx.requested_stages:
-            raise FileNotFoundError(
-                f"eval_seg reads {final_model_path(ctx, 'train_seg')}: run train_seg first"
-            )
 
     def run(self, ctx: StageContext) -> None:
-        evaluate_segmentation(ctx)
+        evaluate_segmentation(ctx, ctx.config.eval_seg)
 
 
-def evaluate_segmentation(ctx: StageContext) -> None:
-    config = ctx.config.eval_seg
+def evaluate_segmentation(ctx: StageContext, config: EvalSegConfig) -> None:
     stage_dir = ctx.stage_dir("eval_seg")
     fingerprint = {
         "model": model_digest(ctx, "train_seg"),

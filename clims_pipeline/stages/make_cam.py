@@ -55,13 +55,14 @@ def image_size(ctx: StageContext, image_id: str) -> tuple[int, int]:
 class MakeCam(Stage):
     name, order, help = "make_cam", 30, "multi-scale + flip CAM inference (npy per image)"
 
-    def preflight(self, ctx: StageContext) -> None:
+    def inputs(self, ctx: StageContext) -> tuple[str, ...]:
+        return (resolve_cam_source(ctx),)
+
+    def output_directory(self, ctx: StageContext) -> Path:
+        return cam_directory(ctx)
+
+    def check(self, ctx: StageContext) -> None:
         cam_image_ids(ctx)
-        source = resolve_cam_source(ctx)
-        if not final_model_path(ctx, source).exists() and source not in ctx.requested_stages:
-            raise FileNotFoundError(
-                f"make_cam reads {final_model_path(ctx, source)}; run stage {source} first"
-            )
 
     def run(self, ctx: StageContext) -> None:
         config = ctx.config.make_cam

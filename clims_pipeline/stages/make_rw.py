@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from ..cams import cam_digest, cam_directory, load_cam_file, resolve_cam_source
+from ..config import MakeRWConfig
 from ..context import Stage, StageContext, register_stage
 from ..crf import PSA_CRF, dense_crf, require_densecrf
 from ..data import normalize_image
@@ -61,22 +62,22 @@ class MakeRW(Stage):
     name, order = "make_rw", 60
     help = "random walk with AffinityNet's affinities: pseudo masks (palette PNG) and their mIoU (+RW)"
 
-    def preflight(self, ctx: StageContext) -> None:
+    reads = ("make_cam", "train_aff")
+
+    def check(self, ctx: StageContext) -> None:
         rw_image_ids(ctx)
         ctx.validate_split(ctx.config.data.eval_split, need_masks=True)
         if ctx.config.make_rw.crf:
             require_densecrf()
-        if not final_model_path(ctx, "train_aff").exists() and "train_aff" not in ctx.requested_stages:
-            raise FileNotFoundError(
-                f"make_rw reads {final_model_path(ctx, 'train_aff')}: run train_aff first"
-            )
+
+    def output_directory(self, ctx: StageContext) -> Path:
+        return pseudo_mask_directory(ctx)
 
     def run(self, ctx: StageContext) -> None:
-        walk_and_evaluate(ctx)
+        walk_and_evaluate(ctx, ctx.config.make_rw)
 
 
-def walk_and_evaluate(ctx: StageContext) -> None:
-    config = ctx.config.make_rw
+def walk_and_evaluate(ctx: StageContext, config: MakeRWConfig) -> None:
     source = resolve_cam_source(ctx)
     cam_dir = cam_directory(ctx, source)
     image_ids = rw_image_ids(ctx)

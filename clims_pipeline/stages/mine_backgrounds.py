@@ -30,7 +30,7 @@ from tqdm import tqdm
 import clims_loss as cl
 from clims_loss.clip_loading import clip_input_size, clip_normalization
 
-from ..clip_setup import base_registry, load_clip, resolve_clip_pretrained
+from ..clip_setup import base_registry, clip_inputs, load_clip, resolve_clip_pretrained
 from ..context import Stage, StageContext, register_stage
 from ..data import SegmentationSource, multi_hot
 from ..distributed import barrier
@@ -177,7 +177,10 @@ class MineBackgrounds(Stage):
     name, order = STAGE, 15
     help = "rank each class's co-occurring background terms with CLIP (for train_clims --backgrounds mined)"
 
-    def preflight(self, ctx: StageContext) -> None:
+    def inputs(self, ctx: StageContext) -> tuple[str, ...]:
+        return clip_inputs(ctx)
+
+    def check(self, ctx: StageContext) -> None:
         check_training_data(ctx)
         vocabulary(ctx)
 

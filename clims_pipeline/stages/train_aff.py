@@ -155,12 +155,12 @@ class TrainAff(TrainerStage):
     name, order = "train_aff", 50
     help = "PSA AffinityNet: affinity labels from the CAMs (two background powers + CRF), then training"
 
-    def preflight(self, ctx: StageContext) -> None:
+    reads = ("make_cam",)
+
+    def check(self, ctx: StageContext) -> None:
         ctx.validate_split(ctx.config.data.train_split, need_labels=True)
         if ctx.config.train_aff.crf:
             require_densecrf()
-        if "make_cam" not in ctx.requested_stages:
-            cam_digest(ctx)  # raises, naming make_cam, when the CAMs are missing or unfinished
 
     def train_config(self, ctx: StageContext) -> TrainConfig:
         return ctx.config.train_aff.train

@@ -26,7 +26,7 @@ def multilabel_loss(
 class TrainCam(TrainerStage):
     name, order, help = "train_cam", 10, "train the baseline CAM network (GAP + multilabel soft-margin loss)"
 
-    def preflight(self, ctx: StageContext) -> None:
+    def check(self, ctx: StageContext) -> None:
         check_training_data(ctx)
 
     def train_config(self, ctx: StageContext) -> TrainConfig:

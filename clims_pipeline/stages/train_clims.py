@@ -16,7 +16,7 @@ from torch import nn
 
 import clims_loss as cl
 
-from ..clip_setup import build_evaluator, clip_identity, resolve_backgrounds
+from ..clip_setup import build_evaluator, clip_identity, clip_inputs, resolve_backgrounds
 from ..config import TrainConfig
 from ..context import StageContext, register_stage
 from ..distributed import all_reduce_sum
@@ -42,7 +42,10 @@ def registry(ctx: StageContext) -> cl.BackgroundPromptRegistry:
 class TrainClims(TrainerStage):
     name, order, help = "train_clims", 20, "train the CLIMS network with the CLIP text-driven evaluator"
 
-    def preflight(self, ctx: StageContext) -> None:
+    def inputs(self, ctx: StageContext) -> tuple[str, ...]:
+        return ("train_cam", *clip_inputs(ctx))
+
+    def check(self, ctx: StageContext) -> None:
         check_training_data(ctx)
         # A missing or invalid --backgrounds file stops the run before any training (a mined file may still
         # be written by stage mine_backgrounds in this run).

@@ -91,11 +91,11 @@ class TrainSeg(TrainerStage):
     name, order = "train_seg", 70
     help = "DeepLabV2-ResNet-101 (ASPP, MSC) on the pseudo masks, deeplab-pytorch's VOC settings"
 
-    def preflight(self, ctx: StageContext) -> None:
+    def inputs(self, ctx: StageContext) -> tuple[str, ...]:
+        return () if training_masks(ctx) is None else ("make_rw",)
+
+    def check(self, ctx: StageContext) -> None:
         ctx.validate_split(ctx.config.data.train_split)
-        mask_dir = training_masks(ctx)
-        if mask_dir is not None and not mask_dir.is_dir() and "make_rw" not in ctx.requested_stages:
-            raise FileNotFoundError(f"train_seg reads the pseudo masks in {mask_dir}: run make_rw first")
 
     def train_config(self, ctx: StageContext) -> TrainConfig:
         return ctx.config.train_seg.train

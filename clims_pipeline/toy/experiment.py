@@ -39,7 +39,7 @@ from ..cams import multiscale_cams, normalise_by_max
 from ..config import TrainConfig
 from ..metrics import ThresholdSweep, iou_from_confusion, mean_iou
 from ..networks import CAMNet, build_network
-from ..training import learning_rate_factor, optimizer_with_head_group, plan_steps
+from ..training import RunningSums, ScheduledSteps, optimizer_with_head_group, plan_steps
 
 #: The rows of the paper's Table 3 that this ablation reproduces, in the paper's order: name -> which of
 #: the weights (otm, btm, cbs, reg) stay on. "baseline" is the CAM network without CLIP.
@@ -152,10 +152,11 @@ def train_in_memory(
     from tensors; returns the last logged averages."""
     steps_per_epoch, total_steps = plan_steps(len(data.ids), config)
     optimizer, base_lrs = optimizer_with_head_group(model, config)
+    schedule = ScheduledSteps(optimizer, base_lrs, config, total_steps)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     step = 0
-    running: dict[str, float] = {}
+    running = RunningSums(config.log_every)
     last: dict[str, float] = {}
     while step < total_steps:
         order = torch.randperm(len(data.ids), generator=generator)
@@ -163,22 +164,16 @@ def train_in_memory(
             if step >= total_steps:
                 break
             index = order[start : start + config.batch_size]
-            factor = learning_rate_factor(config, step, total_steps)
-            for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base_lr * factor
-            loss, parts = loss_fn(model, augment_batch(data.images[index], generator), data.labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
-            optimizer.step()
+
+            def compute_loss(index: torch.Tensor = index) -> tuple[torch.Tensor, dict[str, float]]:
+                return loss_fn(model, augment_batch(data.images[index], generator), data.labels[index])
+
+            loss, parts = schedule.step(step, compute_loss)
             step += 1
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
-            for key, value in {"loss": float(loss.detach()), **parts}.items():
-                running[key] = running.get(key, 0.0) + value
-            if step % config.log_every == 0 or step == total_steps:
-                count = config.log_every if step % config.log_every == 0 else step % config.log_every
-                last = {key: value / count for key, value in running.items()}
-                running = {}
+            running.add({"loss": loss, **parts})
+            count = running.due(step, total_steps)
+            if count:
+                last = {key: value / count for key, value in running.take().items()}
                 if log is not None:
                     log(f"step {step}/{total_steps} " + " ".join(f"{k} {v:.4f}" for k, v in last.items()))
     model.eval()

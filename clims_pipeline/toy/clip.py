@@ -42,7 +42,16 @@ from ..clip_training import (
     create_model,
 )
 from ..context import StageContext
-from . import world as toyworld
+from .world import (
+    BACKGROUND_TERMS,
+    CLASS_BACKGROUND,
+    TOY_BACKGROUNDS,
+    TOY_CLASSES,
+    image_path,
+    read_captions,
+    render_background_captions,
+    render_object_cutouts,
+)
 
 #: The tiny open_clip config the toy world's CLIP is trained from (``clip_configs/<name>.json``).
 TOY_CLIP_CONFIG = "clims-toy-clip"
@@ -152,7 +161,7 @@ def toy_clip_corpus(
     """The toy CLIP's training pairs, which of them the masking augmentation may touch, which are dark.
 
     The world's captioned scenes and background-only images, plus ``object_cutouts`` objects cut out on
-    black and ``extra_backgrounds`` object-free pictures, rendered fresh (``toyworld.render_object_cutouts``,
+    black and ``extra_backgrounds`` object-free pictures, rendered fresh (``render_object_cutouts``,
     ``render_background_captions``), as a web-scale corpus has both. Scenes are masked only with
     ``mask_scenes``: a mask that hides the object while the caption names it teaches CLIP that the
     surroundings are the object. Background pictures are masked only with ``mask_backgrounds``: black
@@ -160,17 +169,15 @@ def toy_clip_corpus(
     with ``seed``) are added again with a dark-picture caption, to be darkened by ``train_clip``.
     """
 
-    records = toyworld.read_captions(root, splits)
+    records = read_captions(root, splits)
     if not records:
         raise ValueError(f"no captions of splits {list(splits)} in {Path(root) / 'captions.jsonl'}")
-    samples: list[tuple[ImageSource, str]] = [
-        (toyworld.image_path(root, r["id"]), r["caption"]) for r in records
-    ]
+    samples: list[tuple[ImageSource, str]] = [(image_path(root, r["id"]), r["caption"]) for r in records]
     is_background = [r["split"].startswith("background_only") for r in records]
     maskable = [mask_backgrounds if background else mask_scenes for background in is_background]
     scenes = [image for (image, _), background in zip(samples, is_background, strict=True) if not background]
-    cutouts = toyworld.render_object_cutouts(object_cutouts, seed=seed)
-    backgrounds = toyworld.render_background_captions(extra_backgrounds, seed=seed)
+    cutouts = render_object_cutouts(object_cutouts, seed=seed)
+    backgrounds = render_background_captions(extra_backgrounds, seed=seed)
     for (images, captions), may_mask in ((cutouts, True), (backgrounds, mask_backgrounds)):
         samples += list(zip(list(images), captions, strict=True))
         maskable += [may_mask] * len(captions)
@@ -239,14 +246,14 @@ def zero_shot_report(
     model.eval()
     size = _image_size(model)
     mean, std = _normaliser(model, device)
-    classes = list(toyworld.TOY_CLASSES)
-    backgrounds = list(toyworld.TOY_BACKGROUNDS)
+    classes = list(TOY_CLASSES)
+    backgrounds = list(TOY_BACKGROUNDS)
     class_text = _encode_texts(model, tokenizer, [template.format(c) for c in classes], device)
     background_text = _encode_texts(
-        model, tokenizer, [template.format(toyworld.BACKGROUND_TERMS[b][0]) for b in backgrounds], device
+        model, tokenizer, [template.format(BACKGROUND_TERMS[b][0]) for b in backgrounds], device
     )
 
-    records = toyworld.read_captions(root, [split])
+    records = read_captions(root, [split])
     if not records:
         raise ValueError(f"no images of split {split!r} in {root}")
     pixels = _load_images([_find_image(root, r["id"]) for r in records], size, progress=False)
@@ -283,9 +290,7 @@ def zero_shot_report(
         "per_class": {},
     }
 
-    background_records = [
-        r for r in toyworld.read_captions(root, [background_split]) if len(r["backgrounds"]) == 1
-    ]
+    background_records = [r for r in read_captions(root, [background_split]) if len(r["backgrounds"]) == 1]
     bg_pixels = _load_images([_find_image(root, r["id"]) for r in background_records], size, progress=False)
     bg_embeddings = _encode_images(model, (bg_pixels.float().to(device) / 255.0 - mean) / std, batch_size)
     bg_class_similarity = (bg_embeddings @ class_text.T).cpu().numpy()
@@ -298,7 +303,7 @@ def zero_shot_report(
         )
 
     for k, class_name in enumerate(classes):
-        own = toyworld.CLASS_BACKGROUND[class_name]
+        own = CLASS_BACKGROUND[class_name]
         b = backgrounds.index(own)
         has_k = labels[:, k]
         own_bg = bg_names == own

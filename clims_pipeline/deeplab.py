@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import all_reduce_sum
-from .networks import SmallImageBackbone, fetch_imagenet_state
+from .networks import SmallImageBackbone, fetch_imagenet_state, freeze_batchnorm_statistics
 from .segmentation_init import SegmentationInitReport, load_segmentation_init
 
 DEEPLAB_ATROUS_RATES = (6, 12, 18, 24)
@@ -127,9 +127,7 @@ class DeepLabV2(nn.Module):
 
     def train(self, mode: bool = True) -> DeepLabV2:
         super().train(mode)
-        for module in self.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        freeze_batchnorm_statistics(self)
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

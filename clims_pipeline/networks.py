@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _freeze_batchnorm_statistics(module: nn.Module) -> None:
+def freeze_batchnorm_statistics(module: nn.Module) -> None:
+    """Keep every batch-norm layer in eval mode (frozen running statistics), as the reference trainers do."""
     for child in module.modules():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             child.eval()
@@ -208,7 +209,7 @@ class CAMNet(nn.Module):
 
     def train(self, mode: bool = True) -> CAMNet:
         super().train(mode)
-        _freeze_batchnorm_statistics(self)
+        freeze_batchnorm_statistics(self)
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from torch import nn
 
 from .crf import PSA_CRF, CRFParams, dense_crf
 from .distributed import all_reduce_sum
-from .networks import fetch_imagenet_state, load_backbone_state
+from .networks import fetch_imagenet_state, freeze_batchnorm_statistics, load_backbone_state
 
 IGNORE_LABEL = 255
 FEATURE_STRIDE = 8
@@ -299,9 +299,7 @@ class AffinityNet(nn.Module):
 
     def train(self, mode: bool = True) -> AffinityNet:
         super().train(mode)
-        for module in self.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        freeze_batchnorm_statistics(self)
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

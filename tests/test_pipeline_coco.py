@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
-from pipeline_helpers import run_cli
+from pipeline_helpers import FAST_SMOKE_ARGS, run_cli
 
 STAGES = "train_cam,train_clims,make_cam,eval_cam"
 
@@ -70,12 +70,7 @@ def test_coco_pipeline_end_to_end(tmp_path: Path) -> None:
                 workdir,
                 "--stages",
                 STAGES,
-                "--preset",
-                "smoke",
-                "--epochs-cam",
-                "1",
-                "--epochs-clims",
-                "1",
+                *FAST_SMOKE_ARGS,
                 "--set",
                 "data.crop_size=48",
             ]

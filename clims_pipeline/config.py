@@ -276,7 +276,7 @@ def build_config(preset: str = "full", variant: str = "paper", dataset: str = "v
     registered source (``data.DATA_SOURCES``)."""
     from .data import data_source_spec
 
-    spec = data_source_spec(dataset)
+    spec = data_source_spec(dataset)  # loads the plug-ins, and so their presets, when needed
     for value, allowed, what in ((preset, tuple(PRESETS), "preset"), (variant, VARIANTS, "variant")):
         if value not in allowed:
             raise ValueError(f"expected --{what} to be one of {allowed}, got {value!r}")

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from clims_loss import IMAGENET_MEAN, IMAGENET_STD
 
 from .files import read_json, save_png, write_json
+from .plugins import load_plugins
 
 VOID_LABEL = 255
 
@@ -416,6 +417,8 @@ def register_data_source(spec: DataSourceSpec) -> DataSourceSpec:
 
 
 def data_source_spec(name: str) -> DataSourceSpec:
+    if name not in DATA_SOURCES:
+        load_plugins()  # a plug-in's data source, for callers that did not go through the command line
     if name not in DATA_SOURCES:
         raise ValueError(f"expected --dataset to be one of {sorted(DATA_SOURCES)}, got {name!r}")
     return DATA_SOURCES[name]

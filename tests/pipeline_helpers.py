@@ -1,4 +1,4 @@
-"""Shared helpers of the example-pipeline tests (tests/test_pipeline_*.py)."""
+"""Shared helpers of the pipeline tests (mini VOC data sets, the CLI runner, the VOC sample)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Units of pipeline part 2: random walk, affinity labels, dense CRF, DeepLabV2, ASPP, MSC (CPU, offline)."""
+"""Units of refinement and segmentation: random walk, affinity labels, dense CRF, DeepLabV2, ASPP, MSC
+(CPU, offline)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 # isort: split
-from clims_pipeline.config import apply_override, build_config
 from clims_pipeline.files import atomic_write, update_results
 from clims_pipeline.metrics import ThresholdSweep, confusion_matrix, iou_from_confusion, mean_iou
 
@@ -67,40 +66,6 @@ def test_update_results_merges_keys(tmp_path: Path) -> None:
     update_results(path, {"cam": {"miou": 50.0}})
     merged = update_results(path, {"rw": {"miou": 60.0}})
     assert merged == {"cam": {"miou": 50.0}, "rw": {"miou": 60.0}} == json.loads(path.read_text())
-
-
-def test_config_overrides_are_checked() -> None:
-    config = build_config("full", "official", "voc")
-    assert config.train_clims.prompts == "voc-official" and config.train_clims.train.epochs == 15
-    assert build_config("full", "paper", "voc").train_clims.train.schedule == "cosine"
-    apply_override(config, "make_cam.scales=[1.0, 0.5]")
-    assert config.make_cam.scales == (1.0, 0.5)
-    with pytest.raises(ValueError, match="epoch"):
-        apply_override(config, "train_cam.epoch=3")
-
-
-def test_rerun_with_other_settings_is_announced(tmp_path: Path) -> None:
-    """Finished stages are reused; a work directory written with other settings says which ones differ."""
-    from clims_pipeline.cli import changed_settings, warn_about_changed_settings
-    from clims_pipeline.files import write_json
-
-    before = build_config("toy", "paper", "toy")
-    path = tmp_path / "config.json"
-    write_json(path, {"argv": [], "config": before.to_dict()})
-    printed: list[str] = []
-    warn_about_changed_settings(printed.append, path, build_config("toy", "paper", "toy"))
-    assert printed == []  # tuples read back from JSON as lists still compare equal
-    after = build_config("toy", "paper", "toy")
-    apply_override(after, "train_cam.optimizer=sgd")
-    apply_override(after, "make_cam.scales=[1.0]")
-    warn_about_changed_settings(printed.append, path, after)
-    assert len(printed) == 1
-    assert "(make_cam.scales, train_cam.optimizer)" in printed[0] and "--force" in printed[0]
-    old_version = before.to_dict()
-    del old_version["train_cam"]["optimizer"]  # a field that an older version did not write
-    assert changed_settings(old_version, before.to_dict()) == ["train_cam.optimizer"]
-    warn_about_changed_settings(printed.append, tmp_path / "missing.json", after)
-    assert len(printed) == 1
 
 
 def test_run_logger_writes_jsonl_and_tensorboard_scalars_when_available(

@@ -1,4 +1,5 @@
-"""Pipeline part 2 end to end: train_aff -> make_rw -> train_seg -> eval_seg -> report on real VOC images.
+"""Refinement and segmentation end to end: train_aff -> make_rw -> train_seg -> eval_seg -> report, on
+real VOC images.
 
 The default test runs every stage (``--stages all``) on 4 train + 3 val images of the VOC sample with tiny
 networks; the random walk and the CRF run on the real image sizes. The ``slow`` test is the acceptance

@@ -1,5 +1,6 @@
-"""DDP over 2 CPU processes (gloo) for pipeline part 2: train_aff and train_seg steps equal single-process
-steps on the same global batches; make_rw and eval_seg, sharded over the ranks, write the same files.
+"""DDP over 2 CPU processes (gloo) for refinement and segmentation: train_aff and train_seg steps equal
+single-process steps on the same global batches; make_rw and eval_seg, sharded over the ranks, write the
+same files.
 
 One ``torchrun`` launch runs train_aff -> make_rw -> train_seg -> eval_seg on 8 real VOC images. The
 single-process references run in this process, each from the same inputs as the 2-process stage it checks:

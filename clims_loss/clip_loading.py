@@ -93,13 +93,23 @@ def load_open_clip(
             cache_dir=cache_dir,
             **model_kwargs,
         )
-    except (EOFError, pickle.UnpicklingError, RuntimeError) as error:
+    except Exception as error:
         if not is_file:
             raise
         raise ValueError(_checkpoint_error(cast(str, pretrained_arg), name, error)) from error
     tokenizer = open_clip.get_tokenizer(name)
     # open_clip builds models in training mode; everything here uses CLIP frozen, as an evaluator.
     return model.eval(), tokenizer
+
+
+def _raised_in_torch_load(error: BaseException) -> bool:
+    traceback = error.__traceback__
+    while traceback is not None:
+        filename = traceback.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        if filename.endswith(("torch/serialization.py", "torch/_weights_only_unpickler.py")):
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 def _checkpoint_error(path: str, name: str, error: BaseException) -> str:
@@ -123,6 +133,8 @@ def _checkpoint_error(path: str, name: str, error: BaseException) -> str:
                 detail = f"{detail} {lines[index + 1]}"
     elif "state_dict" in message:
         problem = f"its tensors do not fit the open_clip model {name!r} (another architecture?)"
+    elif _raised_in_torch_load(error):
+        problem = "torch.load cannot read it: it is corrupt or not a checkpoint"
     else:
         problem = "open_clip could not build the model from it"
     return f"could not load the CLIP checkpoint {path}: {problem}. {type(error).__name__}: {detail[:300]}"

@@ -447,7 +447,7 @@ class CLIPTextDrivenEvaluator(nn.Module):
                 "normalise them, or pass the image_mean/image_std they were normalised with "
                 "(checked on the first call only)",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=6,  # the caller of evaluator(...): past forward and its wrappers
             )
         elif not self._identity_normalisation and low >= 0.0 and high <= 1.0:
             warnings.warn(
@@ -456,7 +456,7 @@ class CLIPTextDrivenEvaluator(nn.Module):
                 f"image_std={std}; for raw pixels pass image_mean=clims_loss.UNIT_MEAN, "
                 "image_std=clims_loss.UNIT_STD (checked on the first call only)",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=6,  # the caller of evaluator(...): past forward and its wrappers
             )
 
     def extra_repr(self) -> str:

@@ -230,10 +230,11 @@ def unit_interval_check(name: str, value: Tensor) -> ValueCheck:
     tolerance = unit_interval_tolerance(value.dtype)
 
     def describe() -> str:
-        outside = int(((value < -tolerance) | (value > 1 + tolerance)).sum())
+        value_ = value.detach()
+        outside = int(((value_ < -tolerance) | (value_ > 1 + tolerance)).sum())
         return (
-            f"values in [{float(value.min())!r}, {float(value.max())!r}] "
-            f"({outside} of {value.numel()} values beyond the tolerance {tolerance:g})"
+            f"values in [{float(value_.min())!r}, {float(value_.max())!r}] "
+            f"({outside} of {value_.numel()} values beyond the tolerance {tolerance:g})"
         )
 
     return (

@@ -435,7 +435,8 @@ class CLIPTextDrivenEvaluator(nn.Module):
         self._images_checked = True
         if images.numel() == 0:
             return
-        low, high = torch.stack([images.min(), images.max()]).double().tolist()
+        with torch.autocast(images.device.type, enabled=False):  # CPU autocast refuses to stack float16
+            low, high = torch.stack([images.min().double(), images.max().double()]).tolist()
         expected_low, expected_high = self._normalised_range
         span = expected_high - expected_low
         mean, std = self._image_normalisation

@@ -52,6 +52,15 @@ def test_evaluator_takes_any_floating_dtype(
     assert out.loss.item() == pytest.approx(reference.item(), rel=tolerance)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_first_call_under_autocast_with_any_image_dtype(dtype: torch.dtype) -> None:
+    # The first call also reads the images' range (the un-normalised warning), under autocast too.
+    evaluator = cl.CLIPTextDrivenEvaluator(make_tiny_clip(), tiny_tokenizer())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = evaluator(*_batch(dtype, dtype))
+    assert torch.isfinite(out.loss)
+
+
 def test_views_are_cast_to_clip_parameter_dtype() -> None:
     seen: list[torch.dtype] = []
     clip = make_tiny_clip().double()

@@ -93,7 +93,7 @@ class CLIPTextDrivenEvaluator(nn.Module):
     Shapes: ``images (B, 3, H, W)``, ``cams (B, K, h, w)`` in ``[0, 1]``, ``labels (B, K)`` multi-hot.
 
     Dtypes: ``images`` and ``cams`` may have any floating dtype, with or without autocast. The masked
-    views are computed in their promoted dtype and cast to CLIP's parameter dtype for the image
+    views are computed in at least float32 and cast to CLIP's parameter dtype for the image
     encoder; embeddings, similarities and the CLIP terms are in the text embeddings' dtype (at least
     float32); REG is in ``promote_types(cams.dtype, float32)``; ``loss`` is the promotion of both.
     """

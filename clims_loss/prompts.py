@@ -330,10 +330,10 @@ class BackgroundPromptRegistry:
             path = Path(source)
             origin = f"the JSON file {str(path)!r}"
             if not path.is_file():
-                what = "a directory" if path.is_dir() else "no such file"
+                what = "a directory" if path.is_dir() else "no existing file"
                 raise FileNotFoundError(
                     f"expected source to be JSON text (starting with '{{') or the path of a JSON file, "
-                    f"got {str(source)!r:.80}, which is not JSON text and is {what}"
+                    f"got {str(source)!r:.80}: not JSON text, so read as a path, which names {what}"
                 )
             text = path.read_text(encoding="utf-8")
         else:

@@ -211,7 +211,9 @@ def test_from_json_says_whether_it_read_text_or_a_path(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"expected valid JSON in the JSON text given as source"):
         BackgroundPromptRegistry.from_json('{"name": ')
     with pytest.raises(
-        FileNotFoundError, match=r"JSON text .* or the path of a JSON file, got 'voc.json', .* no such file"
+        FileNotFoundError,
+        match=r"JSON text .* or the path of a JSON file, got 'voc.json': not JSON text, so read as a path, "
+        r"which names no existing file",
     ):
         BackgroundPromptRegistry.from_json("voc.json")
     path = tmp_path / "registry.json"

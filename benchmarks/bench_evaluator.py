@@ -5,15 +5,21 @@ same random-init CLIP weights), each in its own process so that its peak memory 
 
 * ``fused``: ``CLIPTextDrivenEvaluator(model, tokenizer)`` with its defaults (preset ``"voc"``,
   pixel-space masking, input validation on);
-* ``reference``: the official improved training step re-implemented here from the facts in
-  DESIGN.md §3-4 (Python loop over the positive pairs, prompts tokenised and encoded every step,
-  the image encoder run on fg, bg and fg again, CLIP's parameters left requiring gradients);
+* ``reference``: the official improved training step re-implemented here from its facts (Python
+  loop over the positive pairs, prompts tokenised and encoded every step, the image encoder run on
+  fg, bg and fg again, CLIP's parameters left requiring gradients; class names, background prompts,
+  weights, clamp bounds and hinge as written out below);
 * ``floor``: one ``encode_image`` forward + backward to the input over the same ``2N`` views,
   which is the least any implementation of the method can do.
 
 Further rows change only how the encoder pass is executed (channels_last, the SDPA kernel,
 ``torch.compile``, bf16 autocast) and report their error against the fp32 fused step; the scaling
 rows run the fused step at several pair counts with and without ``max_views_per_forward``.
+
+``--check-cost`` adds what the input and setting checks cost per step, side by side with the step:
+the value checks (NaN, ranges, labels; read at the sync the pair search pays anyway), the setting
+checks of the loss functions, and the first-call-only image range read (``--check-cost-only``
+measures just that).
 
 Run ``python benchmarks/bench_evaluator.py --json out.json``; ``--help`` lists the options. The
 table is printed; ``--json`` also writes the figures. This is a measurement, not a pass/fail test.
@@ -49,8 +55,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 20
 RESULT_MARKER = "BENCH_RESULT "
 
-# Facts of the official improved code (DESIGN.md §3), written out here so that the reference does
-# not borrow anything from the library it is compared with.
+# Facts of the official improved code's training step (VOC), written out here so that the reference
+# does not borrow anything from the library it is compared with: one prompt "a photo of {name}." per
+# pair with "person" written "player", ten global background prompts, weights 10/24/1/0.2 for
+# OTM/BTM/CBS/REG, similarities clamped to [1e-4, 0.9999] in OTM and BTM, and a CBS hinge at 0.26.
 OFFICIAL_CLASS_NAMES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "dining table", "dog", "horse", "motorbike", "player", "potted plant", "sheep", "sofa", "train",
@@ -172,7 +180,7 @@ def _normalise_rows(features: Tensor) -> Tensor:
 
 
 class ReferenceCLIMSStep:
-    """The official improved CLIMS step, from the facts of DESIGN.md §3-4 (the baseline to beat).
+    """The official improved CLIMS step, from the facts listed at the top of this file (the baseline to beat).
 
     Deliberately as slow as the original: a Python loop over pairs builds the views, the prompts
     are tokenised and encoded on every call, the image encoder runs on fg (OTM), bg (BTM) and fg
@@ -558,6 +566,105 @@ def run_parity(config: BenchConfig) -> dict[str, Any]:
     return report
 
 
+# ---------------------------------------------------------------------------------------------- check cost
+def _median_time(function: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_check_cost(config: BenchConfig, repeats: int = 50) -> dict[str, Any]:
+    """What the checks add to one fused step, each part timed alone on the step's own inputs.
+
+    * value checks: ``check_evaluator_inputs(validate=True)`` and reading its flags, minus the same
+      with ``validate=False`` (the pair search's sync, which every step pays anyway);
+    * setting checks: the four loss functions on the step's similarities with ``validate=False``.
+      This times the losses' arithmetic too, so it is an upper bound of their checks;
+    * first call only: the image range read behind the un-normalised-images warning.
+    """
+    import warnings
+
+    from clims_loss.masking import check_evaluator_inputs, positive_pairs
+
+    torch.set_num_threads(config.threads)
+    model, tokenizer = build_clip(config)
+    images, cams, labels = make_inputs(config, config.pairs)
+    evaluator = cl.CLIPTextDrivenEvaluator(model, tokenizer, "voc").to(torch.device(config.device))
+    device = torch.device(config.device)
+
+    def step() -> None:
+        cams.grad = None
+        evaluator(images, cams, labels).loss.backward()
+        _synchronize(device)
+
+    for _ in range(max(config.warmup, 1)):
+        step()
+    step_s = _median_time(step, max(config.steps, 1))
+
+    def with_checks() -> None:
+        pending = check_evaluator_inputs(images, cams, labels, validate=True)
+        positive_pairs(labels)
+        pending.raise_if_failed()
+
+    def without_checks() -> None:
+        pending = check_evaluator_inputs(images, cams, labels, validate=False)
+        batch_index, _ = positive_pairs(labels)
+        int(batch_index.shape[0])  # the sync every step pays
+        pending.raise_if_failed()
+
+    out = evaluator(images, cams, labels)
+    sims = (out.sim_fg_text.detach(), out.sim_bg_text.detach(), out.sim_fg_bgtext.detach())
+    mask = evaluator.background_mask[out.class_index]
+
+    def loss_functions() -> None:
+        cl.otm_loss(sims[0], validate=False)
+        cl.btm_loss(sims[1], validate=False)
+        cl.cbs_loss(sims[2], mask, prompt_reduction="mean", validate=False)
+        cl.reg_loss(cams.detach(), validate=False)
+
+    def first_call_range_read() -> None:
+        evaluator._images_checked = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            evaluator._check_image_range(images)
+
+    with torch.no_grad():
+        value_checks_s = max(_median_time(with_checks, repeats) - _median_time(without_checks, repeats), 0.0)
+        loss_functions_s = _median_time(loss_functions, repeats)
+        first_call_s = _median_time(first_call_range_read, repeats)
+    per_step_s = value_checks_s + loss_functions_s
+    return {
+        "step_s": step_s,
+        "value_checks_s": value_checks_s,
+        "loss_functions_with_setting_checks_s": loss_functions_s,
+        "first_call_range_read_s": first_call_s,
+        "later_step_check_fraction": per_step_s / step_s,
+        "first_step_check_fraction": (per_step_s + first_call_s) / step_s,
+        "repeats": repeats,
+    }
+
+
+def _format_check_cost(cost: dict[str, Any], paired: float | None) -> str:
+    paired_text = (
+        "" if paired is None else f"; main table, paired per round: fused / fused-novalidate = {paired:.3f}"
+    )
+    return (
+        f"check cost per step (medians of {cost['repeats']} repeats, step median of the timed steps):\n"
+        f"  value checks (NaN, [0, 1], labels; flags read at the pair search's sync) "
+        f"{1e3 * cost['value_checks_s']:.2f} ms\n"
+        f"  loss functions incl. their setting checks (upper bound)            "
+        f"{1e3 * cost['loss_functions_with_setting_checks_s']:.2f} ms\n"
+        f"  first call only: image range read (un-normalised warning)          "
+        f"{1e3 * cost['first_call_range_read_s']:.2f} ms\n"
+        f"  step (forward + backward)                                          {cost['step_s']:.3f} s\n"
+        f"  => later steps: {100 * cost['later_step_check_fraction']:.3f} % of a step, first step: "
+        f"{100 * cost['first_step_check_fraction']:.3f} % (target <= 1 %){paired_text}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------- orchestration
 def main_variants() -> list[Variant]:
     return [
@@ -630,6 +737,8 @@ def _run_task(task: dict[str, Any]) -> dict[str, Any]:
     config = BenchConfig(**task["config"])
     if task["kind"] == "parity":
         return run_parity(config)
+    if task["kind"] == "check_cost":
+        return run_check_cost(config)
     variants = [Variant(**v) for v in task["variants"]]
     if task["kind"] == "timing":
         return run_timing(variants, config)
@@ -731,6 +840,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run everything in this process (tests; memory is then shared)",
     )
+    add("--check-cost", action="store_true", help="add the cost of the input and setting checks per step")
+    add("--check-cost-only", action="store_true", help="measure only the check cost (skip everything else)")
     add("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -763,6 +874,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             **extra,
         }
 
+    if args.check_cost_only:
+        _progress("check cost: the checks timed alone beside a fused step")
+        cost = run(task("check_cost", []))
+        load_after = _load_average()
+        print(
+            f"\nCLIMS evaluator, {config.model if not config.model_config else 'custom CLIP config'} random "
+            f"init, {config.batch} images {config.image_size}px, {config.pairs} pairs, {config.device}, "
+            f"{config.threads} threads; load average {load_before} -> {load_after}"
+        )
+        print(_format_check_cost(cost, None))
+        report_only = {"config": config_dict, "check_cost": cost, "load_average": [load_before, load_after]}
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report_only, indent=2) + "\n")
+        return report_only
+
     variants = main_variants()
     _progress(f"timing {', '.join(v.name for v in variants)} round-robin, {config.steps} rounds")
     timing = run(task("timing", variants))
@@ -790,6 +917,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         scaling[variant.name] = run(
             task("memory", [variant], {"steps": args.scaling_steps, "warmup": 1}, with_timing=True)
         )
+    check_cost: dict[str, Any] = {}
+    if args.check_cost:
+        _progress("check cost: the checks timed alone beside a fused step")
+        check_cost = run(task("check_cost", []))
     wall_s = time.perf_counter() - started
 
     fused, reference, floor = rows["fused"], rows["reference"], rows["floor"]
@@ -816,6 +947,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "parity": parity,
         "under_floor": under_floor,
         "scaling": scaling,
+        "check_cost": check_cost,
         "wall_s": wall_s,
     }
 
@@ -860,6 +992,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for case in ("random_init", "similarity_shifted")
     )
     print(f"parity (fp32): max rel err {parity['loss_parity_max_rel_err']:.2e} (target <= 1e-5); {cases}")
+    if check_cost:
+        print(_format_check_cost(check_cost, 1.0 / rows["fused-novalidate"]["over_fused_paired"]))
     print(f"wall time {wall_s:.0f} s")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

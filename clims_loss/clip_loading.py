@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any, Protocol, cast
 
 import torch
@@ -58,9 +59,21 @@ def load_open_clip(
             silently gives worse features. ``None`` takes the value the tag was trained with (and the
             ``-quickgelu`` suffix of the name); pass ``True`` for a local copy of OpenAI weights.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"expected name to be an open_clip model name (str), got {type(name).__name__}")
+    if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
+        raise TypeError(
+            "expected pretrained to be an open_clip tag, a file path or None, "
+            f"got {type(pretrained).__name__}"
+        )
     open_clip = _open_clip()
     pretrained_arg = None if pretrained is None else os.fspath(pretrained)
-    is_tag = pretrained_arg is not None and not os.path.isfile(pretrained_arg) and ":" not in name
+    is_file = pretrained_arg is not None and os.path.isfile(pretrained_arg)
+    if is_file and os.path.getsize(cast(str, pretrained_arg)) == 0:
+        raise ValueError(
+            f"expected pretrained to be a CLIP checkpoint file, got an empty file (0 bytes): {pretrained_arg}"
+        )
+    is_tag = pretrained_arg is not None and not is_file and ":" not in name
     if is_tag:
         tag_cfg = open_clip.get_pretrained_cfg(name, pretrained_arg)
         if not tag_cfg:
@@ -71,17 +84,60 @@ def load_open_clip(
             )
         if quick_gelu is None:
             quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-    model = open_clip.create_model(
-        name,
-        pretrained=pretrained_arg,
-        force_quick_gelu=bool(quick_gelu),
-        device=device,
-        cache_dir=cache_dir,
-        **model_kwargs,
-    )
+    try:
+        model = open_clip.create_model(
+            name,
+            pretrained=pretrained_arg,
+            force_quick_gelu=bool(quick_gelu),
+            device=device,
+            cache_dir=cache_dir,
+            **model_kwargs,
+        )
+    except Exception as error:
+        if not is_file:
+            raise
+        raise ValueError(_checkpoint_error(cast(str, pretrained_arg), name, error)) from error
     tokenizer = open_clip.get_tokenizer(name)
     # open_clip builds models in training mode; everything here uses CLIP frozen, as an evaluator.
     return model.eval(), tokenizer
+
+
+def _raised_in_torch_load(error: BaseException) -> bool:
+    traceback = error.__traceback__
+    while traceback is not None:
+        filename = traceback.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        if filename.endswith(("torch/serialization.py", "torch/_weights_only_unpickler.py")):
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
+def _checkpoint_error(path: str, name: str, error: BaseException) -> str:
+    """What is wrong with the local checkpoint ``path``, from the error torch or open_clip raised."""
+    message = str(error)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    detail = lines[0] if lines else "(no message)"
+    if isinstance(error, EOFError) or "central directory" in message or "PytorchStreamReader" in message:
+        problem = "it is truncated or corrupt (torch.load cannot read it)"
+    elif isinstance(error, pickle.UnpicklingError):
+        problem = (
+            "torch.load(weights_only=True) refuses it: it is not a checkpoint, or it holds Python objects "
+            "other than tensors (only load such a file yourself, and only from a trusted source)"
+        )
+        # torch's own first line suggests weights_only=False; its specific reason is further down.
+        marker = "WeightsUnpickler error:"
+        index = next((i for i, line in enumerate(lines) if marker in line), None)
+        if index is not None:
+            detail = lines[index][lines[index].index(marker) :]
+            if detail == marker and index + 1 < len(lines):
+                detail = f"{detail} {lines[index + 1]}"
+    elif "state_dict" in message:
+        problem = f"its tensors do not fit the open_clip model {name!r} (another architecture?)"
+    elif _raised_in_torch_load(error):
+        problem = "torch.load cannot read it: it is corrupt or not a checkpoint"
+    else:
+        problem = "open_clip could not build the model from it"
+    return f"could not load the CLIP checkpoint {path}: {problem}. {type(error).__name__}: {detail[:300]}"
 
 
 def clip_input_size(model: nn.Module, default: int = 224) -> int:

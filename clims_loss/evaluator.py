@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from clims_loss._validation import check_bool, check_channels, check_eps, check_positive_int
 from clims_loss.clip_loading import CLIPEncoders, as_clip_encoders, clip_input_size, load_open_clip
 from clims_loss.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from clims_loss.functional import LossWeights, btm_loss, cbs_loss, combine_losses, otm_loss, reg_loss
@@ -56,6 +58,13 @@ def _as_registry(prompts: BackgroundPromptRegistry | str) -> BackgroundPromptReg
     return prompts
 
 
+def _normalised_range(mean: Sequence[float], std: Sequence[float]) -> tuple[float, float]:
+    """The lowest and highest value pixels in ``[0, 1]`` take once normalised with ``mean``/``std``."""
+    return min(-m / s for m, s in zip(mean, std, strict=True)), max(
+        (1 - m) / s for m, s in zip(mean, std, strict=True)
+    )
+
+
 class CLIPTextDrivenEvaluator(nn.Module):
     """The text-driven evaluator of CLIMS (Fig. 2b): frozen CLIP + cached text + the four losses.
 
@@ -71,14 +80,22 @@ class CLIPTextDrivenEvaluator(nn.Module):
         image_std: per-channel std with which the images passed to ``forward`` are normalised.
         clip_mean: CLIP's own input mean (used by ``masking="pixel"``).
         clip_std: CLIP's own input std (used by ``masking="pixel"``).
-        input_size: CLIP's input side; read from ``clip_model.visual.image_size`` when ``None``.
+        input_size: CLIP's input side; read from ``clip_model.visual.image_size`` when ``None``
+            (when the model declares a size, a different ``input_size`` is an error).
         masking: overrides ``prompts.masking`` (``"pixel"`` or ``"pass_through"``).
         max_views_per_forward: cap on the views encoded at once. With a cap, the encoder runs in
             chunks under activation checkpointing, so peak memory stays flat as pairs grow (at the
             cost of a second encoder forward in backward).
-        validate: check inputs for NaN, maps outside ``[0, 1]`` and non-binary labels.
+        validate: check inputs for NaN, maps outside ``[0, 1]`` and non-binary labels (flags read at
+            the sync that finding the positive pairs costs anyway), and, on the first call only, warn
+            when the images look un-normalised (see `forward`).
 
     Shapes: ``images (B, 3, H, W)``, ``cams (B, K, h, w)`` in ``[0, 1]``, ``labels (B, K)`` multi-hot.
+
+    Dtypes: ``images`` and ``cams`` may have any floating dtype, with or without autocast. The masked
+    views are computed in at least float32 and cast to CLIP's parameter dtype for the image
+    encoder; embeddings, similarities and the CLIP terms are in the text embeddings' dtype (at least
+    float32); REG is in ``promote_types(cams.dtype, float32)``; ``loss`` is the promotion of both.
     """
 
     text_embeddings: Tensor
@@ -108,8 +125,23 @@ class CLIPTextDrivenEvaluator(nn.Module):
     ) -> None:
         super().__init__()
         as_clip_encoders(clip_model)
-        if max_views_per_forward is not None and max_views_per_forward < 1:
-            raise ValueError(f"expected max_views_per_forward >= 1 or None, got {max_views_per_forward}")
+        if not callable(tokenizer):
+            raise TypeError(
+                f"expected tokenizer to be callable (list of str -> (n, context) token tensor), e.g. "
+                f"open_clip.get_tokenizer(name), got {type(tokenizer).__name__}"
+            )
+        if max_views_per_forward is not None:
+            try:
+                max_views_per_forward = check_positive_int("max_views_per_forward", max_views_per_forward)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{error} (or None for no cap)") from None
+        self.validate = check_bool("validate", validate)
+        channels = {
+            "image_mean": check_channels("image_mean", image_mean, positive=False),
+            "image_std": check_channels("image_std", image_std, positive=True),
+            "clip_mean": check_channels("clip_mean", clip_mean, positive=False),
+            "clip_std": check_channels("clip_std", clip_std, positive=True),
+        }
         self.prompts = _as_registry(prompts)
         if masking is not None:
             self.prompts = self.prompts.replace(masking=masking)
@@ -121,9 +153,22 @@ class CLIPTextDrivenEvaluator(nn.Module):
                 f"expected background prompts in registry {self.prompts.name!r} because the CBS weight is "
                 f"{self.weights.cbs}, got none; add class_backgrounds/global_backgrounds or set weights.cbs=0"
             )
-        self.input_size = clip_input_size(clip_model) if input_size is None else int(input_size)
+        declared_size = clip_input_size(clip_model, default=0)
+        if input_size is None:
+            self.input_size = declared_size or 224
+        else:
+            self.input_size = check_positive_int("input_size", input_size)
+            if declared_size and self.input_size != declared_size:
+                raise ValueError(
+                    f"expected input_size to be the CLIP's input side {declared_size} "
+                    f"(clip_model.visual.image_size) or None, got {self.input_size}"
+                )
         self.max_views_per_forward = max_views_per_forward
-        self.validate = validate
+        # Pixel range of normalised images in [0, 1], for the first-call check of forward().
+        self._normalised_range = _normalised_range(channels["image_mean"], channels["image_std"])
+        self._image_normalisation = (channels["image_mean"], channels["image_std"])
+        self._identity_normalisation = self._image_normalisation == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        self._images_checked = False
 
         clip_model.eval()
         clip_model.requires_grad_(False)
@@ -131,12 +176,7 @@ class CLIPTextDrivenEvaluator(nn.Module):
         self.__dict__["clip_model"] = clip_model
 
         # Normalisation constants are kept in float64 and rounded to the images' dtype when used.
-        for buffer_name, values in (
-            ("image_mean", image_mean),
-            ("image_std", image_std),
-            ("clip_mean", clip_mean),
-            ("clip_std", clip_std),
-        ):
+        for buffer_name, values in channels.items():
             self.register_buffer(buffer_name, torch.tensor(values, dtype=torch.float64), persistent=False)
         self.register_buffer(
             "class_pair_weights",
@@ -158,6 +198,8 @@ class CLIPTextDrivenEvaluator(nn.Module):
         # Text embeddings are constants of the method: encoded once, normalised, kept as buffers.
         self.register_buffer("text_embeddings", text, persistent=False)
         self.register_buffer("background_embeddings", background, persistent=False)
+        # eps meets the similarities' dtype here; the losses check it again against the dtype they see.
+        check_eps("prompts.eps", self.prompts.eps, text.dtype)
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
@@ -222,6 +264,12 @@ class CLIPTextDrivenEvaluator(nn.Module):
         embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
         return nn.functional.normalize(embeddings, dim=-1)
 
+    def _clip_dtype(self) -> torch.dtype | None:
+        """The dtype of the image encoder's first floating parameter (``None`` without any)."""
+        encoder = getattr(self.clip_model, "visual", None)
+        module = encoder if isinstance(encoder, nn.Module) else self.clip_model
+        return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
     def _clip_tensors(self) -> Iterator[Tensor]:
         yield from self.clip_model.parameters()
         yield from self.clip_model.buffers()
@@ -243,8 +291,13 @@ class CLIPTextDrivenEvaluator(nn.Module):
     def encode_views(self, views: Tensor) -> Tensor:
         """``(n, 3, S, S) -> (n, D)`` L2-normalised image embeddings, chunked when capped.
 
-        The embeddings take the text embeddings' dtype, so similarities are float32 under autocast.
+        The views are cast to CLIP's parameter dtype (the encoder's own casts, e.g. open_clip's
+        ``x + class_embedding.to(x.dtype)``, cannot mix dtypes without autocast); the embeddings take
+        the text embeddings' dtype, so similarities are at least float32, also under autocast.
         """
+        clip_dtype = self._clip_dtype()
+        if clip_dtype is not None and views.dtype != clip_dtype:
+            views = views.to(clip_dtype)
         cap = self.max_views_per_forward
         if cap is None or views.shape[0] <= cap:
             features = self._encoders.encode_image(views)
@@ -264,9 +317,16 @@ class CLIPTextDrivenEvaluator(nn.Module):
         """The CLIMS loss of a batch.
 
         Args:
-            images: ``(B, 3, H, W)``, normalised with ``image_mean``/``image_std``.
-            cams: ``(B, K, h, w)`` activation maps in ``[0, 1]`` (``sigmoid`` of the CAM logits).
+            images: ``(B, 3, H, W)``, normalised with ``image_mean``/``image_std``, any floating dtype.
+            cams: ``(B, K, h, w)`` activation maps in ``[0, 1]`` (``sigmoid`` of the CAM logits), any
+                floating dtype; values beyond ``[0, 1]`` by up to ``max(1e-6, torch.finfo(dtype).eps)``
+                are rounding and accepted.
             labels: ``(B, K)`` multi-hot image labels.
+
+        With ``validate``, the first call (only) reads the images' range and warns (``UserWarning``)
+        when they look un-normalised: far outside what ``image_mean``/``image_std`` give for pixels in
+        ``[0, 1]`` (e.g. left in 0..255), or all inside ``[0, 1]`` when a non-identity normalisation is
+        expected. Later calls skip it, so they pay no extra host-device sync.
         """
         pending = check_evaluator_inputs(images, cams, labels, validate=self.validate)
         num_classes = self.text_embeddings.shape[0]
@@ -282,6 +342,8 @@ class CLIPTextDrivenEvaluator(nn.Module):
             )
         batch_index, class_index = positive_pairs(labels)
         pending.raise_if_failed()
+        if self.validate and not self._images_checked:
+            self._check_image_range(images)
         num_pairs = int(batch_index.shape[0])
         weights = self.weights
         need_fg = num_pairs > 0 and (weights.otm != 0 or weights.cbs != 0)
@@ -366,6 +428,37 @@ class CLIPTextDrivenEvaluator(nn.Module):
             batch_index=batch_index,
             class_index=class_index,
         )
+
+    @torch.compiler.disable  # type: ignore[misc, untyped-decorator]
+    def _check_image_range(self, images: Tensor) -> None:
+        """Warn once if the images look un-normalised (see `forward`); one sync, first call only."""
+        self._images_checked = True
+        if images.numel() == 0:
+            return
+        with torch.autocast(images.device.type, enabled=False):  # CPU autocast refuses to stack float16
+            low, high = torch.stack([images.min().double(), images.max().double()]).tolist()
+        expected_low, expected_high = self._normalised_range
+        span = expected_high - expected_low
+        mean, std = self._image_normalisation
+        if low < expected_low - 2 * span or high > expected_high + 2 * span:
+            warnings.warn(
+                f"images passed to CLIPTextDrivenEvaluator lie in [{low:.4g}, {high:.4g}], far outside "
+                f"[{expected_low:.3g}, {expected_high:.3g}], the range of pixels in [0, 1] normalised with "
+                f"image_mean={mean}, image_std={std}; are they still in 0..255? Scale them to [0, 1] and "
+                "normalise them, or pass the image_mean/image_std they were normalised with "
+                "(checked on the first call only)",
+                UserWarning,
+                stacklevel=6,  # the caller of evaluator(...): past forward and its wrappers
+            )
+        elif not self._identity_normalisation and low >= 0.0 and high <= 1.0:
+            warnings.warn(
+                f"images passed to CLIPTextDrivenEvaluator lie in [{low:.4g}, {high:.4g}], like raw pixels "
+                f"in [0, 1], but the evaluator expects them normalised with image_mean={mean}, "
+                f"image_std={std}; for raw pixels pass image_mean=clims_loss.UNIT_MEAN, "
+                "image_std=clims_loss.UNIT_STD (checked on the first call only)",
+                UserWarning,
+                stacklevel=6,  # the caller of evaluator(...): past forward and its wrappers
+            )
 
     def extra_repr(self) -> str:
         return (

@@ -21,8 +21,17 @@ probability-like ``p`` in ``[eps, 1 - eps]`` with `similarity_to_probability`:
 * ``similarity="affine"``: ``p = clamp((s + 1) / 2, eps, 1 - eps)``, which keeps a gradient for
   negative similarities at the price of changing the loss's scale.
 
-``eps`` defaults to ``1e-4`` (the official code's bounds ``[1e-4, 0.9999]``). Every loss is therefore
-finite for any finite input; no NaN is produced.
+``eps`` defaults to ``1e-4`` (the official code's bounds ``[1e-4, 0.9999]``). It must lie in
+``(0, 0.5)`` and be at least ``torch.finfo(dtype).eps`` of the dtype the clamp happens in (1.19e-7 in
+float32, 2.2e-16 in float64): below that, ``1 - eps`` rounds to ``1`` and ``log(1 - p)`` is ``-inf``.
+Every loss is therefore finite, with a finite gradient, for any finite input and any accepted setting.
+
+Dtypes
+------
+One rule for every loss: it computes, and returns, in ``torch.promote_types(input dtypes, float32)``.
+float16 and bfloat16 similarities or maps are upcast to float32 before the clamp and the logs (their
+own ``1 - 1e-4`` rounds to ``1``), float32 stays float32, float64 stays float64; optional ``weights``
+take part in the promotion. `similarity_to_probability` follows the same rule.
 """
 
 from __future__ import annotations
@@ -35,13 +44,18 @@ from torch import Tensor
 
 from clims_loss._validation import (
     binary_check,
+    check_bool,
     check_choice,
+    check_eps,
     check_floating,
+    check_map_size,
     check_rank,
+    check_real,
     check_reduction,
     check_same_device,
     check_tensor,
     check_values,
+    compute_dtype,
     finite_check,
     unit_interval_check,
 )
@@ -82,14 +96,18 @@ def reduce_loss(loss: Tensor, reduction: str) -> Tensor:
 def similarity_to_probability(similarity: Tensor, *, mode: str = "clamp", eps: float = DEFAULT_EPS) -> Tensor:
     """Map cosine similarities into ``[eps, 1 - eps]`` so that both logs of the paper are finite.
 
+    Computed and returned in at least float32 (see the module docs, "Dtypes").
+
     >>> similarity_to_probability(torch.tensor([-0.5, 0.3, 1.0]))
     tensor([1.0000e-04, 3.0000e-01, 9.9990e-01])
     >>> similarity_to_probability(torch.tensor([-1.0, 0.0]), mode="affine")
     tensor([1.0000e-04, 5.0000e-01])
     """
+    similarity = check_tensor("similarity", similarity)
+    check_floating("similarity", similarity)
     check_choice("similarity", mode, SIMILARITY_MODES)
-    if not 0.0 < eps < 0.5:
-        raise ValueError(f"expected eps in (0, 0.5), got {eps}")
+    similarity = similarity.to(compute_dtype(similarity.dtype))
+    check_eps("eps", eps, similarity.dtype)
     if mode == "affine":
         similarity = (similarity + 1.0) / 2.0
     return similarity.clamp(eps, 1.0 - eps)
@@ -99,8 +117,10 @@ def _check_pair_inputs(name: str, similarity: object, weights: Tensor | None, va
     similarity = check_tensor(name, similarity)
     check_floating(name, similarity)
     check_rank(name, similarity, 1, "(N,)")
+    check_bool("validate", validate)
     if weights is not None:
         check_tensor("weights", weights)
+        check_floating("weights", weights)
         if weights.shape != similarity.shape:
             raise ValueError(
                 f"expected weights of shape (N,) = {tuple(similarity.shape)} matching {name}, "
@@ -113,6 +133,12 @@ def _check_pair_inputs(name: str, similarity: object, weights: Tensor | None, va
             checks.append(finite_check("weights", weights))
         check_values(checks)
     return similarity
+
+
+def _upcast(similarity: Tensor, weights: Tensor | None) -> Tensor:
+    """``similarity`` in the dtype the losses compute in (see the module docs, "Dtypes")."""
+    dtypes = (similarity.dtype,) if weights is None else (similarity.dtype, weights.dtype)
+    return similarity.to(compute_dtype(*dtypes))
 
 
 def otm_loss(
@@ -138,9 +164,10 @@ def otm_loss(
     tensor([6.9315e-01, 1.0002e-04])
     """
     sim_fg_text = _check_pair_inputs("sim_fg_text", sim_fg_text, weights, validate)
-    loss = -torch.log(similarity_to_probability(sim_fg_text, mode=similarity, eps=eps))
+    check_reduction(reduction)
+    loss = -torch.log(similarity_to_probability(_upcast(sim_fg_text, weights), mode=similarity, eps=eps))
     if weights is not None:
-        loss = loss * weights
+        loss = loss * weights.to(loss.dtype)
     return reduce_loss(loss, reduction)
 
 
@@ -167,9 +194,10 @@ def btm_loss(
     tensor(0.6932)
     """
     sim_bg_text = _check_pair_inputs("sim_bg_text", sim_bg_text, weights, validate)
-    loss = -torch.log1p(-similarity_to_probability(sim_bg_text, mode=similarity, eps=eps))
+    check_reduction(reduction)
+    loss = -torch.log1p(-similarity_to_probability(_upcast(sim_bg_text, weights), mode=similarity, eps=eps))
     if weights is not None:
-        loss = loss * weights
+        loss = loss * weights.to(loss.dtype)
     return reduce_loss(loss, reduction)
 
 
@@ -197,9 +225,13 @@ def cbs_loss(
     Args:
         sim_fg_bgtext: ``(N, L)`` similarity of each pair's foreground view with each background prompt.
         prompt_mask: optional ``(N, L)`` bool, which prompts apply to which pair (default: all).
-        threshold: hinge on the raw similarity; terms with ``s <= threshold`` are dropped.
-        prompt_reduction: ``"sum"`` (Eq. 10) or ``"mean"`` over the pair's prompts (masked mean;
-            a pair without prompts contributes 0).
+        threshold: hinge on the raw similarity; terms with ``s <= threshold`` are dropped (count 0).
+        prompt_reduction: ``"sum"`` (Eq. 10) or ``"mean"`` over the pair's prompts: the sum divided
+            by the number of prompts that apply to the pair (``prompt_mask``), *whether or not they
+            pass the threshold*; a pair without prompts contributes 0. With a threshold, a prompt
+            below it therefore counts as a zero term, never shrinks the denominator, and the loss
+            never grows when a similarity falls (the mean of the above-threshold terms alone would
+            jump up when a small term leaves it).
         reduction: over pairs: ``"none"`` -> ``(N,)``, ``"mean"`` or ``"sum"``.
         eps: as `otm_loss`.
         similarity: as `otm_loss`.
@@ -213,6 +245,10 @@ def cbs_loss(
     check_floating("sim_fg_bgtext", sim_fg_bgtext)
     check_rank("sim_fg_bgtext", sim_fg_bgtext, 2, "(N, L)")
     check_choice("prompt_reduction", prompt_reduction, ("sum", "mean"))
+    check_reduction(reduction)
+    check_bool("validate", validate)
+    if threshold is not None:
+        threshold = check_real("threshold", threshold)
     if prompt_mask is not None:
         check_tensor("prompt_mask", prompt_mask)
         if prompt_mask.shape != sim_fg_bgtext.shape:
@@ -220,12 +256,18 @@ def cbs_loss(
                 f"expected prompt_mask of shape (N, L) = {tuple(sim_fg_bgtext.shape)} matching "
                 f"sim_fg_bgtext, got {tuple(prompt_mask.shape)}"
             )
+        if prompt_mask.dtype != torch.bool:
+            raise TypeError(
+                f"expected prompt_mask to have dtype torch.bool (which prompts apply to which pair), "
+                f"got {prompt_mask.dtype}; convert a 0/1 mask with mask.bool() or mask == 1"
+            )
         check_same_device(sim_fg_bgtext=sim_fg_bgtext, prompt_mask=prompt_mask)
     if validate:
         check_values([finite_check("sim_fg_bgtext", sim_fg_bgtext)])
 
+    sim_fg_bgtext = sim_fg_bgtext.to(compute_dtype(sim_fg_bgtext.dtype))
     terms = -torch.log1p(-similarity_to_probability(sim_fg_bgtext, mode=similarity, eps=eps))
-    keep = torch.ones_like(sim_fg_bgtext, dtype=torch.bool) if prompt_mask is None else prompt_mask.bool()
+    keep = torch.ones_like(sim_fg_bgtext, dtype=torch.bool) if prompt_mask is None else prompt_mask
     counted = keep
     if threshold is not None:
         counted = keep & (sim_fg_bgtext > threshold)
@@ -246,7 +288,8 @@ def reg_loss(
     """Area regularisation, Eq. 12: the mean activation of each map.
 
     Args:
-        cams: ``(B, K, h, w)`` activation maps in ``[0, 1]``.
+        cams: ``(B, K, h, w)`` activation maps in ``[0, 1]`` (up to a rounding tolerance of
+            ``max(1e-6, torch.finfo(cams.dtype).eps)``), ``h, w >= 1``.
         labels: ``(B, K)`` multi-hot labels; needed only when ``positive_only``.
         positive_only: regularise only the maps of present classes (the paper and the official
             code regularise all ``B x K`` maps, which is the default).
@@ -260,6 +303,10 @@ def reg_loss(
     cams = check_tensor("cams", cams)
     check_floating("cams", cams)
     check_rank("cams", cams, 4, "(B, K, h, w)")
+    check_map_size("cams", cams)
+    check_bool("positive_only", positive_only)
+    check_bool("validate", validate)
+    check_reduction(reduction)
     if labels is not None:
         check_tensor("labels", labels)
         if labels.shape != cams.shape[:2]:
@@ -274,7 +321,7 @@ def reg_loss(
             checks.append(binary_check("labels", labels))
         check_values(checks)
 
-    area = cams.mean(dim=(2, 3))
+    area = cams.to(compute_dtype(cams.dtype)).mean(dim=(2, 3))
     if not positive_only:
         return reduce_loss(area, reduction)
     if labels is None:
@@ -291,6 +338,8 @@ def reg_loss(
 class LossWeights:
     """The weights ``alpha, beta, gamma, delta`` of Eq. 13 (defaults: the paper's 10, 25, 29.5, 1.15).
 
+    Each weight must be a finite real number ``>= 0`` (stored as a float).
+
     >>> LossWeights(btm=0.0)
     LossWeights(otm=10.0, btm=0.0, cbs=29.5, reg=1.15)
     """
@@ -299,6 +348,14 @@ class LossWeights:
     btm: float = 25.0
     cbs: float = 29.5
     reg: float = 1.15
+
+    def __post_init__(self) -> None:
+        # Every weight is a finite number >= 0: a NaN, inf or negative weight would make the loss NaN,
+        # infinite or rewarded for the wrong thing, silently.
+        for name in ("otm", "btm", "cbs", "reg"):
+            object.__setattr__(
+                self, name, check_real(f"LossWeights.{name}", getattr(self, name), minimum=0.0)
+            )
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)

@@ -30,13 +30,21 @@ from torch import Tensor
 
 from clims_loss._validation import (
     PendingChecks,
+    ValueCheck,
     binary_check,
+    check_bool,
+    check_channels,
     check_choice,
     check_floating,
+    check_map_size,
+    check_positive_int,
     check_rank,
     check_same_device,
     check_tensor,
+    compute_dtype,
     finite_check,
+    index_range_check,
+    positive_check,
     unit_interval_check,
 )
 from clims_loss.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
@@ -84,8 +92,13 @@ def positive_pairs(labels: Tensor) -> tuple[Tensor, Tensor]:
     return batch_index, class_index
 
 
-def check_evaluator_inputs(images: object, cams: object, labels: object, *, validate: bool) -> PendingChecks:
-    """Check shapes, dtypes and devices now; return the value checks (NaN, ranges) to read later."""
+def check_evaluator_inputs(
+    images: object, cams: object, labels: object, *, validate: bool, extra: Sequence[ValueCheck] = ()
+) -> PendingChecks:
+    """Check shapes, dtypes and devices now; return the value checks (NaN, ranges) to read later.
+
+    ``extra`` value checks join the same pending read (one host-device sync for all).
+    """
     images = check_tensor("images", images)
     cams = check_tensor("cams", cams)
     labels = check_tensor("labels", labels)
@@ -98,6 +111,8 @@ def check_evaluator_inputs(images: object, cams: object, labels: object, *, vali
         )
     check_floating("images", images)
     check_floating("cams", cams)
+    check_map_size("images", images, "(B, 3, H, W)")
+    check_map_size("cams", cams)
     if labels.shape != cams.shape[:2]:
         raise ValueError(
             f"expected cams of shape (B, K, h, w) matching labels (B, K) = {tuple(labels.shape)}, "
@@ -117,15 +132,61 @@ def check_evaluator_inputs(images: object, cams: object, labels: object, *, vali
             finite_check("cams", cams),
             unit_interval_check("cams", cams),
             binary_check("labels", labels),
+            *extra,
         ]
     )
 
 
 def _channel_vector(values: Sequence[float] | Tensor, name: str, like: Tensor) -> Tensor:
     vector = torch.as_tensor(values, dtype=like.dtype, device=like.device)
-    if vector.shape != (3,):
-        raise ValueError(f"expected {name} to hold 3 per-channel values, got shape {tuple(vector.shape)}")
     return vector.view(1, 3, 1, 1)
+
+
+def _check_channel_settings(
+    named: Sequence[tuple[str, Sequence[float] | Tensor, bool]], validate: bool
+) -> list[ValueCheck]:
+    """Per-channel means and stds: Python values are checked now; tensors by shape now and by value
+    with the other pending checks (no extra sync), only when ``validate``."""
+    pending: list[ValueCheck] = []
+    for name, values, positive in named:
+        if not isinstance(values, Tensor):
+            check_channels(name, values, positive=positive)
+            continue
+        if values.shape != (3,):
+            raise ValueError(f"expected {name} to hold 3 per-channel values, got shape {tuple(values.shape)}")
+        if validate:
+            pending.append(finite_check(name, values))
+            if positive:
+                pending.append(positive_check(name, values))
+    return pending
+
+
+def _check_pairs(
+    pairs: object, labels: Tensor, validate: bool
+) -> tuple[tuple[Tensor, Tensor], list[ValueCheck]]:
+    if not isinstance(pairs, tuple) or len(pairs) != 2:
+        raise TypeError(
+            "expected pairs to be a (batch_index, class_index) tuple of two tensors, "
+            f"got {type(pairs).__name__}"
+        )
+    batch_index, class_index = (check_tensor(f"pairs[{i}]", t) for i, t in enumerate(pairs))
+    for i, index in enumerate((batch_index, class_index)):
+        if index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
+            raise TypeError(
+                f"expected pairs[{i}] to be a 1-d int64 tensor of shape (N,), "
+                f"got {index.dtype} of shape {tuple(index.shape)}"
+            )
+    if batch_index.shape != class_index.shape:
+        raise ValueError(
+            f"expected pairs of equal length (N,), got batch_index {tuple(batch_index.shape)} and "
+            f"class_index {tuple(class_index.shape)}"
+        )
+    check_same_device(labels=labels, batch_index=batch_index, class_index=class_index)
+    checks: list[ValueCheck] = []
+    if validate and batch_index.numel() > 0:
+        checks.append(index_range_check("pairs[0] (batch_index)", batch_index, labels.shape[0]))
+        checks.append(index_range_check("pairs[1] (class_index)", class_index, labels.shape[1]))
+    return (batch_index, class_index), checks
 
 
 def masked_views(
@@ -154,11 +215,16 @@ def masked_views(
         image_std: per-channel std of the normalisation of ``images`` (ignored by ``"pass_through"``).
         clip_mean: CLIP's input mean (ignored by ``"pass_through"``).
         clip_std: CLIP's input std (ignored by ``"pass_through"``).
-        pairs: precomputed `positive_pairs` of ``labels``, to skip finding them again.
-        validate: check for NaN, maps outside ``[0, 1]`` and non-binary labels.
+        pairs: precomputed `positive_pairs` of ``labels``, to skip finding them again: two 1-d
+            integer tensors of equal length, indices into ``B`` and ``K`` (range-checked when
+            ``validate``).
+        validate: check for NaN, maps outside ``[0, 1]`` (up to a rounding tolerance of
+            ``max(1e-6, torch.finfo(cams.dtype).eps)``), non-binary labels and out-of-range ``pairs``,
+            in one host-device sync.
 
     Returns:
-        `MaskedViews` with ``views`` of shape ``(2N, 3, S, S)`` and the pairs' indices.
+        `MaskedViews` with ``views`` of shape ``(2N, 3, S, S)`` and the pairs' indices; the views'
+        dtype is ``promote_types(images.dtype, cams.dtype, float32)``.
 
     >>> images = torch.zeros(2, 3, 32, 32)
     >>> cams = torch.rand(2, 4, 8, 8)
@@ -168,13 +234,29 @@ def masked_views(
     (torch.Size([6, 3, 16, 16]), [0, 3, 1])
     """
     check_choice("mode", mode, MASKING_MODES)
-    if not isinstance(size, int) or size <= 0:
-        raise ValueError(f"expected size to be a positive int, got {size!r}")
-    pending = check_evaluator_inputs(images, cams, labels, validate=validate)
+    check_positive_int("size", size)
+    check_bool("validate", validate)
+    channel_checks = _check_channel_settings(
+        [
+            ("image_mean", image_mean, False),
+            ("image_std", image_std, True),
+            ("clip_mean", clip_mean, False),
+            ("clip_std", clip_std, True),
+        ],
+        validate,
+    )
+    labels = check_tensor("labels", labels)
+    pair_checks: list[ValueCheck] = []
+    if pairs is not None:
+        pairs, pair_checks = _check_pairs(pairs, labels, validate)
+    pending = check_evaluator_inputs(
+        images, cams, labels, validate=validate, extra=channel_checks + pair_checks
+    )
     batch_index, class_index = positive_pairs(labels) if pairs is None else pairs
     pending.raise_if_failed()
 
-    dtype = torch.promote_types(images.dtype, cams.dtype)
+    # At least float32: half-precision resizing is missing on CPU and would round the masks coarsely.
+    dtype = compute_dtype(images.dtype, cams.dtype)
     images = images.to(dtype)
     pair_maps = cams[batch_index, class_index].unsqueeze(1).to(dtype)  # (N, 1, h, w)
 

@@ -30,12 +30,15 @@ from torch import Tensor, nn
 from clims_loss._validation import (
     binary_check,
     check_floating,
+    check_positive_int,
     check_rank,
+    check_real,
+    check_strings,
     check_tensor,
     check_values,
     finite_check,
 )
-from clims_loss.clip_loading import as_clip_encoders
+from clims_loss.clip_loading import as_clip_encoders, clip_input_size
 from clims_loss.prompts import BackgroundPromptRegistry
 
 __all__ = ["DEFAULT_BACKGROUND_VOCABULARY", "BackgroundScore", "mine_backgrounds"]
@@ -79,14 +82,25 @@ class BackgroundScore:
 
 
 def _embed_batches(
-    encode: Callable[[Tensor], Tensor], images: Tensor | Iterable[Tensor], batch_size: int
+    encode: Callable[[Tensor], Tensor], images: Tensor | Iterable[Tensor], batch_size: int, size: int
 ) -> Tensor:
+    if not isinstance(images, (Tensor, Iterable)):
+        raise TypeError(
+            f"expected images to be a tensor or an iterable of batches, got {type(images).__name__}"
+        )
     batches = torch.split(images, batch_size) if isinstance(images, Tensor) else images
     features = []
     for index, batch in enumerate(batches):
-        batch = check_tensor(f"images batch {index}", batch)
-        check_rank(f"images batch {index}", batch, 4, "(n, 3, S, S)")
-        check_floating(f"images batch {index}", batch)
+        name = "images" if isinstance(images, Tensor) else f"images batch {index}"
+        batch = check_tensor(name, batch)
+        check_rank(name, batch, 4, "(n, 3, S, S)")
+        check_floating(name, batch)
+        if size and tuple(batch.shape[1:]) != (3, size, size):
+            raise ValueError(
+                f"expected {name} of shape (n, 3, {size}, {size}), at the CLIP's input size "
+                f"(clip_model.visual.image_size) and CLIP-normalised, got {tuple(batch.shape)}"
+            )
+        check_values([finite_check(name, batch)])  # NaN images would give NaN scores and no backgrounds
         features.append(nn.functional.normalize(encode(batch).float(), dim=-1))
     if not features:
         raise ValueError("expected at least one image, got none")
@@ -114,7 +128,8 @@ def mine_backgrounds(
         clip_model: anything with ``encode_image`` and ``encode_text`` (a frozen CLIP).
         tokenizer: the model's tokenizer.
         images: ``(M, 3, S, S)`` images ready for ``clip_model.encode_image`` (CLIP-normalised, at
-            its input size), or an iterable of such batches in the order of ``labels``.
+            its input size ``S``, which is checked when the model declares ``visual.image_size``), or
+            an iterable of such batches in the order of ``labels``. NaN/inf images are an error.
         labels: ``(M, K)`` multi-hot labels of the images.
         prompts: the registry whose classes and templates to use (its backgrounds are replaced).
         vocabulary: candidate background terms (default: ~150 stuff and scene terms).
@@ -123,7 +138,7 @@ def mine_backgrounds(
         max_objectness: terms whose text is this many standard deviations closer to the class's
             text than the vocabulary's average are synonyms of the object and never proposed.
         objectness_penalty: how much positive objectness lowers a term's score.
-        batch_size: images per encoder call when ``images`` is a tensor.
+        batch_size: images per encoder call when ``images`` is a tensor (``>= 1``).
 
     Returns:
         ``(registry, scores)``: the registry with the mined ``class_backgrounds`` and their
@@ -131,12 +146,22 @@ def mine_backgrounds(
         best first.
     """
     registry = BackgroundPromptRegistry.preset(prompts) if isinstance(prompts, str) else prompts
+    if not isinstance(registry, BackgroundPromptRegistry):
+        raise TypeError(
+            "expected prompts to be a BackgroundPromptRegistry or a preset name, "
+            f"got {type(prompts).__name__}"
+        )
     encoders = as_clip_encoders(clip_model)
-    terms = list(dict.fromkeys(vocabulary))
+    if not callable(tokenizer):
+        raise TypeError(f"expected tokenizer to be callable, got {type(tokenizer).__name__}")
+    terms = list(dict.fromkeys(check_strings("vocabulary", vocabulary)))
     if not terms:
         raise ValueError("expected a non-empty vocabulary, got none")
-    if top_l < 1:
-        raise ValueError(f"expected top_l >= 1, got {top_l}")
+    top_l = check_positive_int("top_l", top_l)
+    batch_size = check_positive_int("batch_size", batch_size)
+    margin = check_real("margin", margin)
+    max_objectness = check_real("max_objectness", max_objectness)
+    objectness_penalty = check_real("objectness_penalty", objectness_penalty, minimum=0.0)
     labels = check_tensor("labels", labels)
     check_rank("labels", labels, 2, "(M, K)")
     if labels.shape[1] != registry.num_classes:
@@ -156,7 +181,9 @@ def mine_backgrounds(
     was_training = clip_model.training
     clip_model.eval()
     try:
-        image_features = _embed_batches(lambda x: encoders.encode_image(x.to(device)), images, batch_size)
+        image_features = _embed_batches(
+            lambda x: encoders.encode_image(x.to(device)), images, batch_size, clip_input_size(clip_model, 0)
+        )
         term_features = embed_text([registry.background_template.format(t) for t in terms])  # (J, D)
         class_features = embed_text(registry.object_prompts())  # (K, D)
     finally:

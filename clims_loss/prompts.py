@@ -15,7 +15,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from clims_loss._validation import check_choice
+from clims_loss._validation import (
+    check_bool,
+    check_choice,
+    check_eps,
+    check_mapping,
+    check_real,
+    check_str,
+    check_strings,
+)
 from clims_loss.functional import DEFAULT_EPS, SIMILARITY_MODES, LossWeights
 from clims_loss.masking import MASKING_MODES
 
@@ -123,22 +131,52 @@ class BackgroundPromptRegistry:
     _presets: ClassVar[dict[str, Callable[[], BackgroundPromptRegistry]]] = {}
 
     def __post_init__(self) -> None:
-        # Normalise containers so that equality, hashing of contents and JSON round trips are exact.
-        object.__setattr__(self, "class_names", tuple(self.class_names))
-        object.__setattr__(self, "global_backgrounds", tuple(self.global_backgrounds))
+        # Check every field's type where it enters (a str where a sequence of str is expected would
+        # become its letters), then normalise containers so that equality and JSON round trips are exact.
+        check_str("name", self.name)
+        for attribute in ("template", "background_template"):
+            check_str(attribute, getattr(self, attribute))
+        object.__setattr__(self, "class_names", check_strings("class_names", self.class_names))
         object.__setattr__(
-            self, "class_backgrounds", {str(k): tuple(v) for k, v in dict(self.class_backgrounds).items()}
-        )
-        object.__setattr__(
-            self, "class_weights", {str(k): float(v) for k, v in dict(self.class_weights).items()}
+            self, "global_backgrounds", check_strings("global_backgrounds", self.global_backgrounds)
         )
         object.__setattr__(
             self,
-            "background_scores",
-            {str(k): tuple(float(x) for x in v) for k, v in dict(self.background_scores).items()},
+            "class_backgrounds",
+            {
+                check_str("class_backgrounds key", k): check_strings(f"class_backgrounds[{k!r}]", v)
+                for k, v in check_mapping("class_backgrounds", self.class_backgrounds).items()
+            },
         )
+        object.__setattr__(
+            self,
+            "class_weights",
+            {
+                check_str("class_weights key", k): check_real(f"class_weights[{k!r}]", v, minimum=0.0)
+                for k, v in check_mapping("class_weights", self.class_weights).items()
+            },
+        )
+        scores = check_mapping("background_scores", self.background_scores)
+        normalised_scores: dict[str, tuple[float, ...]] = {}
+        for key, values in scores.items():
+            name = f"background_scores[{key!r}]"
+            if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+                raise TypeError(f"expected {name} to be a sequence of numbers, got {type(values).__name__}")
+            normalised_scores[check_str("background_scores key", key)] = tuple(
+                check_real(f"{name}[{i}]", x) for i, x in enumerate(values)
+            )
+        object.__setattr__(self, "background_scores", normalised_scores)
         if isinstance(self.weights, Mapping):
             object.__setattr__(self, "weights", LossWeights(**self.weights))
+        if not isinstance(self.weights, LossWeights):
+            raise TypeError(
+                f"expected weights to be a LossWeights or a mapping of its fields, "
+                f"got {type(self.weights).__name__}"
+            )
+        if self.cbs_threshold is not None:
+            object.__setattr__(self, "cbs_threshold", check_real("cbs_threshold", self.cbs_threshold))
+        check_bool("reg_positive_only", self.reg_positive_only)
+        object.__setattr__(self, "eps", check_eps("eps", self.eps))
         self._validate()
 
     def _validate(self) -> None:
@@ -167,8 +205,6 @@ class BackgroundPromptRegistry:
         check_choice("pair_reduction", self.pair_reduction, ("mean", "sum"))
         check_choice("masking", self.masking, MASKING_MODES)
         check_choice("similarity", self.similarity, SIMILARITY_MODES)
-        if not 0.0 < self.eps < 0.5:
-            raise ValueError(f"expected eps in (0, 0.5), got {self.eps}")
 
     # ----------------------------------------------------------------------------- presets
     @classmethod
@@ -180,6 +216,8 @@ class BackgroundPromptRegistry:
         overwrite: bool = False,
     ) -> None:
         """Make ``preset(name)`` return ``factory`` (a registry, or a function building one)."""
+        check_str("name", name)
+        check_bool("overwrite", overwrite)
         if name in cls._presets and not overwrite:
             raise ValueError(f"preset {name!r} is already registered; pass overwrite=True to replace it")
         if isinstance(factory, BackgroundPromptRegistry):
@@ -189,7 +227,8 @@ class BackgroundPromptRegistry:
             cls._presets[name] = factory
         else:
             raise TypeError(
-                f"expected a BackgroundPromptRegistry or a callable, got {type(factory).__name__}"
+                "expected factory to be a BackgroundPromptRegistry or a callable, "
+                f"got {type(factory).__name__}"
             )
 
     @classmethod
@@ -199,9 +238,16 @@ class BackgroundPromptRegistry:
     @classmethod
     def preset(cls, name: str) -> BackgroundPromptRegistry:
         """A registered preset: ``voc``, ``voc-camera-ready``, ``voc-official``, ``coco`` or your own."""
+        check_str("name", name)
         if name not in cls._presets:
             raise _unknown("preset", name, cls._presets)
-        return cls._presets[name]()
+        registry = cls._presets[name]()
+        if not isinstance(registry, BackgroundPromptRegistry):
+            raise TypeError(
+                f"expected the factory registered as preset {name!r} to return a BackgroundPromptRegistry, "
+                f"got {type(registry).__name__} {registry!r:.60}"
+            )
+        return registry
 
     # ----------------------------------------------------------------------------- prompts
     @property
@@ -271,18 +317,41 @@ class BackgroundPromptRegistry:
     def from_json(cls, source: str | os.PathLike[str]) -> BackgroundPromptRegistry:
         """Read a registry from JSON text or from a file path.
 
+        A ``str`` that starts with ``{`` or ``[`` (after white space) is JSON text; any other ``str`` and
+        any ``os.PathLike`` is a path. Errors say which of the two was read.
+
         >>> voc = BackgroundPromptRegistry.preset("voc-official")
         >>> BackgroundPromptRegistry.from_json(voc.to_json()) == voc
         True
         """
-        text = str(source)
-        if not text.lstrip().startswith("{"):
-            text = Path(source).read_text(encoding="utf-8")
-        data = json.loads(text)
+        if isinstance(source, str) and source.lstrip()[:1] in ("{", "["):
+            text, origin = source, "the JSON text given as source"
+        elif isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            origin = f"the JSON file {str(path)!r}"
+            if not path.is_file():
+                what = "a directory" if path.is_dir() else "no existing file"
+                raise FileNotFoundError(
+                    f"expected source to be JSON text (starting with '{{') or the path of a JSON file, "
+                    f"got {str(source)!r:.80}: not JSON text, so read as a path, which names {what}"
+                )
+            text = path.read_text(encoding="utf-8")
+        else:
+            raise TypeError(f"expected source to be JSON text or a path, got {type(source).__name__}")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"expected valid JSON in {origin}, got a syntax error: {error}") from None
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"expected {origin} to hold a JSON object of registry fields, got a {type(data).__name__}"
+            )
         known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise KeyError(f"unknown registry fields {unknown}; known fields: {', '.join(sorted(known))}")
+            raise KeyError(
+                f"unknown registry fields {unknown} in {origin}; known fields: {', '.join(sorted(known))}"
+            )
         return cls(**data)
 
 

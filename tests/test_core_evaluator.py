@@ -123,7 +123,11 @@ def test_fused_evaluator_equals_per_pair_reference(preset: str, similarity: str)
 
 
 def official_improved_reference(clip, tokenizer, images, cams, labels):  # type: ignore[no-untyped-def]
-    """The official improved training step as DESIGN.md §3 describes it, written without the library."""
+    """The official improved training step, written without the library: views are the map and the
+    image resized with bilinear ``align_corners=True`` and multiplied (no re-normalisation), one prompt
+    "a photo of {name}." per pair, similarities clamped to ``[1e-4, 0.9999]`` inside the logs of OTM and
+    BTM (means over pairs), an unclamped CBS over ten global background prompts counted where the
+    similarity exceeds 0.26 (sum), REG the mean of all maps, weights 10, 24, 1, 0.2."""
     names = [
         "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dining table",
         "dog", "horse", "motorbike", "player", "potted plant", "sheep", "sofa", "train", "tv monitor",

@@ -45,6 +45,30 @@ def test_cbs_hinge_sum_and_masked_mean() -> None:
     assert cl.cbs_loss(sims, mask, prompt_reduction="mean").item() == pytest.approx(mean.sum().item())
 
 
+def test_cbs_mean_with_threshold_divides_by_the_pairs_prompts_not_by_those_above_it() -> None:
+    # The decision: a prompt at or below the threshold counts as a zero term of the mean, so the
+    # denominator is the number of prompts that apply to the pair (prompt_mask), threshold or not.
+    sims = torch.tensor([[0.1, 0.3, 0.5, 0.9]], dtype=F64)
+    mask = torch.tensor([[True, True, True, False]])
+    value = cl.cbs_loss(sims, mask, threshold=0.26, prompt_reduction="mean", reduction="none")
+    assert value.tolist() == pytest.approx([(-math.log(0.7) - math.log(0.5)) / 3])  # 2 above, 3 apply
+    summed = cl.cbs_loss(sims, mask, threshold=0.26, prompt_reduction="sum", reduction="none")
+    assert value.item() == pytest.approx(summed.item() / 3)
+
+
+def test_cbs_mean_with_threshold_never_grows_when_a_similarity_falls() -> None:
+    # Dividing by the prompts above the threshold would make the loss jump up here: the small term
+    # (0.27) leaving the mean raises the average of the rest. With the chosen rule it only falls.
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    before = torch.tensor([[0.27, 0.8, 0.1]], dtype=F64)
+    after = torch.tensor([[0.25, 0.8, 0.1]], dtype=F64)  # the first prompt drops below 0.26
+    loss_before = cl.cbs_loss(before, mask, threshold=0.26, prompt_reduction="mean")
+    loss_after = cl.cbs_loss(after, mask, threshold=0.26, prompt_reduction="mean")
+    assert loss_after.item() < loss_before.item()
+    above_only = -math.log(1 - 0.8) / 1  # what "mean over the prompts above the threshold" would give
+    assert above_only > (-math.log(1 - 0.27) - math.log(1 - 0.8)) / 2  # ... i.e. a jump up
+
+
 def test_reg_all_maps_and_positive_only() -> None:
     cams = torch.zeros(2, 3, 4, 4, dtype=F64)
     cams[0, 0] = 1.0

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import torch
 
 from .config import PipelineConfig
+from .crf import require_densecrf
 from .data import SegmentationSource, build_source
 from .distributed import DistributedInfo, barrier
 from .files import update_results
@@ -60,12 +61,18 @@ class Stage:
         return ctx.workdir / self.name
 
     def check(self, ctx: StageContext) -> None:
-        """The stage's own input checks (data lists, files, optional dependencies)."""
+        """The stage's own input checks (data lists, files)."""
+
+    def uses_crf(self, ctx: StageContext) -> bool:
+        """Whether this run of the stage needs the dense CRF (the ``crf`` extra)."""
+        return False
 
     def preflight(self, ctx: StageContext) -> None:
-        """Runs for every selected stage before the first one starts, so that a broken data set or a missing
-        input stops the pipeline before any training."""
+        """Runs for every selected stage before the first one starts, so that a broken data set, a missing
+        input or a missing optional dependency stops the pipeline before any training."""
         self.check(ctx)
+        if self.uses_crf(ctx):
+            require_densecrf()
         for producer in self.inputs(ctx):
             if producer in ctx.requested_stages:
                 continue

@@ -138,6 +138,10 @@ def _corrupt_image(root: Path) -> Path:
     return path
 
 
+def run_smoke(root: Path, workdir: Path, stages: str, *extra: str) -> int:
+    return run_cli(["--voc-root", root, "--workdir", workdir, "--stages", stages, "--preset=smoke", *extra])
+
+
 @pytest.mark.parametrize(
     "break_dataset",
     [_break_list, _break_image, _break_mask, _corrupt_image],
@@ -148,18 +152,7 @@ def test_malformed_dataset_stops_before_training_naming_the_file(tmp_path: Path,
     broken = break_dataset(root)
     workdir = tmp_path / "w"
     with pytest.raises(DatasetError, match=re.escape(str(broken))):
-        run_cli(
-            [
-                "--voc-root",
-                root,
-                "--workdir",
-                workdir,
-                "--stages",
-                "train_cam,make_cam,eval_cam",
-                "--preset",
-                "smoke",
-            ]
-        )
+        run_smoke(root, workdir, "train_cam,make_cam,eval_cam")
     assert not (workdir / "train_cam").exists()  # no training started
 
 
@@ -172,20 +165,7 @@ def test_missing_eval_mask_is_found_before_training(tmp_path: Path) -> None:
     workdir = tmp_path / "w"
     with pytest.raises(DatasetError, match=re.escape(str(broken))):
         # The training split is intact: only eval_cam's preflight can see the gap, and it runs first.
-        run_cli(
-            [
-                "--voc-root",
-                root,
-                "--workdir",
-                workdir,
-                "--stages",
-                "train_cam,eval_cam",
-                "--preset",
-                "smoke",
-                "--eval-split",
-                "val",
-            ]
-        )
+        run_smoke(root, workdir, "train_cam,eval_cam", "--eval-split", "val")
     assert not (workdir / "train_cam").exists()
 
 

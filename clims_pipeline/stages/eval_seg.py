@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..config import EvalSegConfig
 from ..context import Stage, StageContext, register_stage
-from ..crf import DEEPLAB_CRF, dense_crf, require_densecrf
+from ..crf import DEEPLAB_CRF, dense_crf
 from ..data import DatasetError, normalize_image
 from ..deeplab import MSC, build_deeplab, multiscale_probabilities
 from ..distributed import barrier
@@ -99,8 +99,9 @@ class EvalSeg(Stage):
 
     def check(self, ctx: StageContext) -> None:
         ctx.validate_split(ctx.config.eval_seg.split, need_masks=True)
-        if ctx.config.eval_seg.crf:
-            require_densecrf()
+
+    def uses_crf(self, ctx: StageContext) -> bool:
+        return ctx.config.eval_seg.crf
 
     def run(self, ctx: StageContext) -> None:
         evaluate_segmentation(ctx, ctx.config.eval_seg)

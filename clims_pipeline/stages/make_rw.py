@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..cams import cam_digest, cam_directory, load_cam_file, resolve_cam_source
 from ..config import MakeRWConfig
 from ..context import Stage, StageContext, register_stage
-from ..crf import PSA_CRF, dense_crf, require_densecrf
+from ..crf import PSA_CRF, dense_crf
 from ..data import normalize_image
 from ..files import atomic_write, save_png
 from ..label_maps import palette_image, per_class, pseudo_mask_directory, segmentation_confusion
@@ -67,8 +67,9 @@ class MakeRW(Stage):
     def check(self, ctx: StageContext) -> None:
         rw_image_ids(ctx)
         ctx.validate_split(ctx.config.data.eval_split, need_masks=True)
-        if ctx.config.make_rw.crf:
-            require_densecrf()
+
+    def uses_crf(self, ctx: StageContext) -> bool:
+        return ctx.config.make_rw.crf
 
     def output_directory(self, ctx: StageContext) -> Path:
         return pseudo_mask_directory(ctx)

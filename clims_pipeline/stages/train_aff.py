@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..cams import cam_digest, cam_directory, load_cam_file
 from ..config import TrainAffConfig, TrainConfig
 from ..context import StageContext, register_stage
-from ..crf import PSA_CRF, require_densecrf
+from ..crf import PSA_CRF
 from ..data import SegmentationSource, random_rescale_long_side
 from ..files import save_png
 from ..label_maps import crop_image_and_labels, palette_image, read_label_png
@@ -159,8 +159,9 @@ class TrainAff(TrainerStage):
 
     def check(self, ctx: StageContext) -> None:
         ctx.validate_split(ctx.config.data.train_split, need_labels=True)
-        if ctx.config.train_aff.crf:
-            require_densecrf()
+
+    def uses_crf(self, ctx: StageContext) -> bool:
+        return ctx.config.train_aff.crf
 
     def train_config(self, ctx: StageContext) -> TrainConfig:
         return ctx.config.train_aff.train

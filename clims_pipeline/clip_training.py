@@ -1,30 +1,22 @@
-"""Train or fine-tune an open_clip model on (image, caption) pairs, and measure what it learned.
+"""Train or fine-tune an open_clip model on (image, caption) pairs.
 
-Two uses, one function:
-
-* the toy world: a tiny CLIP (``TINY_CLIP_NAME``: open_clip's ModifiedResNet image tower, widths
-  16-512, one block per stage, at 64 px; a 3-layer, 64-wide text transformer; 4.7M parameters, 3.2M of
-  them the 49,408-token embedding) trained from scratch on the toy world's captions on a CPU::
-
-      samples = toy_world_samples(root, ["train_aug", "background_only_train"])
-      train_clip(samples, model_name=TINY_CLIP_NAME, **TOY_FROM_SCRATCH, batch_size=128, out_path=...)
+One function, two uses:
 
 * real data: the camera-ready CLIMS recipe, fine-tuning CLIP on label captions ("a photo of {class
   names}.") with lr 5e-5, 20 epochs and weight decay 0.003 (``PAPER_FINETUNE``)::
 
-      samples = label_caption_samples(voc_root, "train_aug", VOC_CLASS_NAMES)
+      samples = label_caption_samples(voc_root, "train_aug", VOC_CLASSES)
       train_clip(samples, model_name="ViT-B-32", pretrained=<openai weights file>, quick_gelu=True,
                  **PAPER_FINETUNE, batch_size=..., out_path=...)
 
+* generated data: a small CLIP trained from scratch on a plug-in's captions (stage ``train_clip`` with a
+  caption source of ``clip_captions``). The toy world's tiny CLIP ``clims-toy-clip``, its corpora and its
+  zero-shot report live in ``clims_pipeline.toy.clip``.
+
 The checkpoint is a plain ``{"state_dict": ...}`` file, so ``open_clip.create_model(name,
 pretrained=<file>)`` (and therefore ``CLIPTextDrivenEvaluator.from_pretrained(name, pretrained=<file>)``)
-loads it. The tiny config lives in ``clip_configs/`` and is registered with open_clip when this module
-is imported; a process that loads the checkpoint must import this module (or call
-``register_model_configs``) first.
-
-``zero_shot_report`` measures zero-shot accuracy on held-out toy-world images and the co-occurrence
-bias: how similar background-only images (water alone) are to a class prompt ("boat") compared with
-real images of that class.
+loads it, once the model's config is known to open_clip (``clip_setup.register_clip_config``; importing
+``clims_pipeline.toy`` registers ``clims-toy-clip``).
 
 CPU note: these models are small; on a shared 2-core machine ``torch.set_num_threads(1)`` was ~10x
 faster than 2 threads for batch-8 steps (OpenMP threads spin while other processes hold the cores).
@@ -511,7 +503,7 @@ def _augment(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Measuring: zero-shot accuracy and the co-occurrence bias on a toy world
+# Measuring helpers: embeddings and average precision (the toy world's report, toy/clip.py, uses them)
 # ----------------------------------------------------------------------------------------------------
 
 

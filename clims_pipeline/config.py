@@ -3,8 +3,9 @@
 A run's configuration is ``build_config(preset, variant, dataset)`` plus ``--set section.field=value``
 overrides.
 
-* ``preset``: ``full`` (the sizes of the paper: ResNet-50, crop 512, batch 16, ...) or ``smoke`` (a tiny
-  backbone, tiny crops and a tiny random CLIP, so that all stages finish in minutes on a CPU).
+* ``preset``: ``full`` (the sizes of the paper: ResNet-50, crop 512, batch 16, ...), ``smoke`` (a tiny
+  backbone, tiny crops and a tiny random CLIP, so that all stages finish in minutes on a CPU), or a
+  plug-in's (:func:`register_preset`, e.g. ``toy``).
 * ``variant``: which CLIMS recipe ``train_clims`` follows. ``paper`` is the camera-ready paper (loss weights
   10/25/29.5/1.15, class-specific backgrounds, 10 epochs, cosine lr); ``official`` is the improved recipe of
   the
@@ -55,7 +56,7 @@ class DataConfig:
 
 @dataclass
 class NetworkConfig:
-    backbone: str = "resnet50"  # "resnet50" (the paper's) or "tiny" (tests and smoke runs)
+    backbone: str = "resnet50"  # "resnet50" (the paper's), "tiny" (tests and smoke runs) or "small" (64 px)
     weights: str = "imagenet"  # "imagenet" (torchvision), "none" (random init) or a path to a state dict
 
 

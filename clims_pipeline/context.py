@@ -6,11 +6,13 @@ A stage is inputs -> work -> outputs. It is one class in a module under ``stages
     class TrainRW(Stage):
         name, order, help = "train_rw", 50, "train AffinityNet on CAM-derived affinity labels"
 
-        def preflight(self, ctx: StageContext) -> None:  # check inputs before any stage runs
+        reads = ("make_cam",)  # earlier outputs it needs (the base class's preflight checks them)
+
+        def check(self, ctx: StageContext) -> None:  # its own input checks, before any stage runs
             ...
 
         def run(self, ctx: StageContext) -> None:  # the work: read inputs, write outputs
-            output = ctx.output("train_rw", ctx.workdir / "train_rw", fingerprint)
+            output = ctx.output(self.name, self.output_directory(ctx), fingerprint)
             ...
 
 plus an import line in ``stages/__init__.py``. Stages run in ``order``. A stage reads earlier stages' outputs

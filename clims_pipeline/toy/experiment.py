@@ -3,7 +3,7 @@
 The toy world's images are 64 x 64, so a whole split fits in memory as one tensor; training and evaluating
 from tensors (instead of the pipeline's per-image files) is what makes fifteen trainings fit in minutes on
 a CPU. The networks, the learning-rate schedule, the multi-scale CAM inference and the threshold sweep are
-the pipeline's own (``networks``, ``training.learning_rate_factor``, ``make_cam.multiscale_cams``,
+the pipeline's own (``networks``, ``training.ScheduledSteps``, ``cams.multiscale_cams``,
 ``metrics.ThresholdSweep``), so what is measured here is what the pipeline runs.
 
 Protocol (see docs/toyworld.md):
@@ -304,7 +304,7 @@ def toy_registry(
     cbs_reduction: str = "mean",
     class_backgrounds: dict[str, list[str]] | None = None,
 ) -> Any:
-    """The toy world's prompts (``toyworld.toy_prompts``) as a registry.
+    """The toy world's prompts (``world.toy_prompts``) as a registry.
 
     CBS is averaged over the positive pairs like OTM and BTM (the library's default sums it, as the
     camera-ready code does): summed over the ~25 pairs of a batch of 16 it outweighed every other term

@@ -1,8 +1,9 @@
 """What ``--dataset toy`` adds to the pipeline: the toy world generated into the work directory.
 
-``python examples/voc_full_pipeline.py`` without a data set root runs the toy world: the world is written
-to ``<workdir>/toyworld`` on the first run (reused afterwards when its settings match), stage
-``train_clip`` trains the tiny CLIP on its captions, and every other stage runs as on VOC.
+``clims-pipeline`` (or ``python examples/voc_full_pipeline.py``) without a data set root runs the toy
+world: the world is written to ``<workdir>/toyworld`` on the first run (reused afterwards when its
+settings match), stage ``train_clip`` trains the tiny CLIP on its captions, and every other stage runs as
+on VOC.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def ensure_toy_world(ctx: StageContext) -> Path:
     """Generate the toy world of ``ctx.config.toy_world`` (main rank) unless it is there already.
 
     Only the work directory's own ``toyworld/`` is generated (or regenerated when its settings changed); a
-    world given with ``--voc-root`` is used as it is."""
+    world given with ``--data-root`` (``--dataset toy``) is used as it is."""
     from .world import generate_toy_world, load_toy_world
 
     root = Path(ctx.config.data.root)

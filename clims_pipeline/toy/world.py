@@ -30,7 +30,7 @@ accept them.
 Generation is deterministic: image ``i`` of split ``s`` is drawn from its own random stream seeded by
 ``(seed, s, i)``, so the result does not depend on the number of worker processes.
 
-Run ``python -m clims_pipeline.toy.world --help`` for the
+Run ``python -m clims_pipeline.toy --help`` for the
 measurement entry point (generate, train the tiny CLIP, report zero-shot accuracy and the bias).
 """
 

@@ -31,7 +31,13 @@ from clims_pipeline.toy.clip import (
     toy_corpus_from_settings,
     toy_corpus_settings,
 )
-from clims_pipeline.toy.world import CLASS_BACKGROUND, TOY_CLASSES, generate_toy_world
+from clims_pipeline.toy.world import (
+    CLASS_BACKGROUND,
+    DEFAULT_N_TRAIN,
+    DEFAULT_N_VAL,
+    TOY_CLASSES,
+    generate_toy_world,
+)
 from clims_pipeline.visualize import colorize_labels, jet
 
 GRID_COLUMNS = ("input", "baseline", "otm", "otm_btm", "otm_btm_reg", "full", "ground truth")
@@ -107,8 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workdir", type=Path, default=Path("runs/toyworld_ablation"))
     parser.add_argument("--json", type=Path, help="write the summary JSON here")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--n-train", type=int, default=4000, help="toy world: training images")
-    parser.add_argument("--n-val", type=int, default=500, help="toy world: held-out evaluation images")
+    parser.add_argument("--n-train", type=int, default=DEFAULT_N_TRAIN, help="toy world: training images")
+    parser.add_argument("--n-val", type=int, default=DEFAULT_N_VAL, help="toy world: held-out images")
     parser.add_argument("--clip-epochs", type=int, default=int(TOY_FROM_SCRATCH["epochs"]))
     parser.add_argument("--clip-steps", type=int, help="cap on CLIP training steps (tests)")
     preset_clip = build_config("toy", "paper", "toy").train_clip

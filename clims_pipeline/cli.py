@@ -80,8 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--variant",
         choices=VARIANTS,
-        default="paper",
-        help="CLIMS recipe: paper (camera-ready) or official (improved repository version)",
+        help="CLIMS recipe: paper (camera-ready, the default) or official (improved repository version)",
     )
     parser.add_argument("--train-split", help="training list (default: train_aug; smoke preset: train)")
     parser.add_argument("--eval-split", help="CAM evaluation list (default: train, the 1,464 images)")
@@ -169,6 +168,8 @@ def resolve_run_defaults(args: argparse.Namespace, recorded: PipelineConfig | No
     spec = data_source_spec(args.dataset)
     if args.preset is None:
         args.preset = recorded.preset if recorded is not None else spec.default_preset
+    if args.variant is None:
+        args.variant = recorded.variant if recorded is not None else "paper"
     if args.workdir is None:
         if spec.default_workdir is None:
             raise SystemExit(f"clims-pipeline: error: --workdir is required with --dataset {spec.name}")
@@ -322,8 +323,12 @@ def selected_stage_names(text: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     load_plugins()
-    args = build_parser().parse_args(argv)
-    config = resolve_config(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = resolve_config(args)
+    except ValueError as error:  # a bad --set, flag value or preset: a usage error, not a traceback
+        parser.error(str(error))
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0

@@ -17,11 +17,9 @@ import torch
 
 import clims_loss as cl
 
+from .config import SMOKE_CLIP_NAME
 from .context import StageContext
 
-#: A tiny open_clip ViT shipped with the pipeline (``configs/<name>.json``): random weights, for smoke runs
-#: and tests.
-SMOKE_CLIP_NAME = "clims-smoke-vit"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 #: The value of ``train_clims.clip_pretrained`` that means "the checkpoint stage train_clip writes".

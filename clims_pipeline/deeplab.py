@@ -32,7 +32,7 @@ DEEPLAB_ATROUS_RATES = (6, 12, 18, 24)
 SMALL_ATROUS_RATES = (2, 4, 6, 8)
 #: Half the CAM network's widths: about as good and twice as fast on the toy world (measured once each on
 #: the same pseudo masks, val mIoU: full widths, 500 steps, 29.5 in 167 s; half, 600 steps, 29.1 in 78 s).
-TOY_WIDTHS = (16, 32, 48, 64)
+SMALL_WIDTHS = (16, 32, 48, 64)
 MSC_SCALES = (0.5, 0.75)
 
 
@@ -112,7 +112,7 @@ class DeepLabV2(nn.Module):
         elif backbone == "tiny":
             self.backbone = _TinyStride8Backbone()
         elif backbone == "small":
-            self.backbone = SmallImageBackbone(widths=TOY_WIDTHS)
+            self.backbone = SmallImageBackbone(widths=SMALL_WIDTHS)
         else:
             raise ValueError(f"expected backbone 'resnet101', 'tiny' or 'small', got {backbone!r}")
         if rates is None:

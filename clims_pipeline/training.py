@@ -337,7 +337,7 @@ def data_fingerprint(ctx: StageContext) -> dict[str, Any]:
     data = ctx.config.data
     return {
         "dataset": ctx.config.dataset,
-        "root": data.root,
+        "source": ctx.source.fingerprint(),
         "train_split": data.train_split,
         "crop_size": data.crop_size,
         "resize_long": list(data.resize_long),

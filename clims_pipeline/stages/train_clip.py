@@ -37,7 +37,7 @@ class TrainClip(Stage):
             )
             return
         # One CLIP per data set: every pipeline seed shares it (it is trained with seed 0).
-        fingerprint = {**asdict(config), "data_root": ctx.config.data.root, "seed": 0}
+        fingerprint = {**asdict(config), "data": ctx.source.fingerprint(), "seed": 0}
         output = ctx.output(self.name, clip_directory(ctx), fingerprint)
         out_path = clip_checkpoint_path(ctx)
         if output.reuse(out_path):

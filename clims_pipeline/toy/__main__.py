@@ -10,7 +10,7 @@ from pathlib import Path
 from ..clip_training import train_clip
 from ..files import write_json
 from .clip import TOY_CLIP_CONFIG, format_report, toy_clip_corpus, zero_shot_report
-from .world import generate_toy_world
+from .world import DEFAULT_N_TRAIN, DEFAULT_N_VAL, generate_toy_world
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -19,8 +19,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("root", type=Path, help="directory to write the toy world into")
-    parser.add_argument("--n-train", type=int, default=12000)
-    parser.add_argument("--n-val", type=int, default=1000)
+    parser.add_argument("--n-train", type=int, default=DEFAULT_N_TRAIN)
+    parser.add_argument("--n-val", type=int, default=DEFAULT_N_VAL)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)

@@ -8,6 +8,7 @@ outside this sub-package names the toy world.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,13 @@ class ToySource(VOCSource):
     def __init__(self, root: str | Path):
         super().__init__(root)
         self.class_names = TOY_CLASSES
+
+    def fingerprint(self) -> str:
+        """The root and the world's own metadata (its settings and statistics): a world regenerated with
+        other settings in the same place invalidates what was trained on the old one, and cached labels."""
+        metadata = Path(self.root) / "toyworld.json"
+        identity = hashlib.sha256(metadata.read_bytes()).hexdigest()[:16] if metadata.is_file() else "none"
+        return f"{self.name}:{self.root}:{identity}"
 
 
 def _register() -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..config import ClipTrainConfig, NetworkConfig, PipelineConfig, TrainConfig, register_config_section
 from .clip import TOY_CLIP_CONFIG
+from .world import DEFAULT_N_TRAIN, DEFAULT_N_VAL
 
 
 @dataclass
@@ -14,8 +15,8 @@ class ToyWorldConfig:
     """The toy world that the pipeline generates into ``<workdir>/toyworld`` when no data root is given
     (``--set toy_world.n_train=...``)."""
 
-    n_train: int = 4000
-    n_val: int = 500
+    n_train: int = DEFAULT_N_TRAIN
+    n_val: int = DEFAULT_N_VAL
     seed: int = 0
     context_rate: float = 0.9  # how often an object stands on its own background
 

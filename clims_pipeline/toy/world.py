@@ -876,11 +876,15 @@ def _config(
     }
 
 
+#: The one default size of a toy world (the pipeline's, the ablation's and ``python -m clims_pipeline.toy``).
+DEFAULT_N_TRAIN, DEFAULT_N_VAL = 4000, 500
+
+
 def generate_toy_world(
     root: str | os.PathLike[str],
     *,
-    n_train: int = 12000,
-    n_val: int = 1000,
+    n_train: int = DEFAULT_N_TRAIN,
+    n_val: int = DEFAULT_N_VAL,
     image_size: int = 64,
     seed: int = 0,
     n_train_eval: int | None = None,

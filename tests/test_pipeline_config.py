@@ -172,3 +172,26 @@ def test_provenance_lists_versions_and_file_hashes(tmp_path: Path) -> None:
         "sha256": hashlib.sha256(b"weights").hexdigest(),
     }
     assert "train_aff.weights" not in record["files"]  # "imagenet" is a tag, not a file
+
+
+def test_config_rerun_keeps_the_recorded_variant_and_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    voc = tmp_path / "voc"
+    (voc / "JPEGImages").mkdir(parents=True)
+    base = ["--voc-root", voc, "--workdir", tmp_path / "w", "--preset", "smoke", "--print-config"]
+    assert run_cli([*base, "--variant", "official", "--seed", "4", "--set", "train_cam.lr=0.3"]) == 0
+    recorded = tmp_path / "config.json"
+    recorded.write_text(json.dumps({"config": json.loads(capsys.readouterr().out)}))
+    assert run_cli(["--config", recorded, "--workdir", tmp_path / "w2", "--print-config"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (again["variant"], again["seed"], again["train_cam"]["lr"]) == ("official", 4, 0.3)
+
+
+def test_a_bad_set_value_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    voc = tmp_path / "voc"
+    (voc / "JPEGImages").mkdir(parents=True)
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(["--voc-root", voc, "--workdir", tmp_path, "--set=train_cam.epochs=many", "--print-config"])
+    assert stopped.value.code == 2
+    assert "--set train_cam.epochs: expected an integer, got 'many'" in capsys.readouterr().err

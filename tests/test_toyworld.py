@@ -372,3 +372,15 @@ def test_fixed_logit_scale_stays_fixed(world: Path, tmp_path: Path) -> None:
             progress=False,
             fixed_logit_scale=1000.0,
         )
+
+
+def test_a_regenerated_world_changes_the_source_fingerprint(tmp_path: Path) -> None:
+    """Trained outputs and cached labels follow the world: another world in the same place is new data."""
+    from clims_pipeline.toy.plugin import ToySource
+
+    root = tmp_path / "world"
+    toyworld.generate_toy_world(root, seed=1, **SMALL)
+    first = ToySource(root).fingerprint()
+    assert ToySource(root).fingerprint() == first
+    toyworld.generate_toy_world(root, seed=2, overwrite=True, **SMALL)
+    assert ToySource(root).fingerprint() != first

@@ -42,6 +42,8 @@ from PIL import Image
 
 import clims_loss as cl
 
+from .distributed import kill_if_test_step
+
 # The paper's CLIP fine-tuning on label captions (camera-ready CLIMS).
 PAPER_FINETUNE: dict[str, float] = {"lr": 5e-5, "epochs": 20, "weight_decay": 0.003}
 ImageSource = str | os.PathLike[str] | np.ndarray | Image.Image
@@ -294,7 +296,7 @@ def train_clip(
     the logit scale is clamped at 100 as in CLIP. After each epoch the model is written atomically to
     ``out_path`` and the optimizer state to ``<out_path>.resume``, so an interrupted run resumes (with
     ``resume``); a finished run is not repeated. A resumed run sees the same batches as an uninterrupted
-    one, but other random masks (the mask generator's state is not saved).
+    one, with the same random masks (the mask generator's state is saved with the optimizer's).
 
     ``maskable`` says which samples the augmentation may mask (default: all). A mask can hide the object
     a caption names, which teaches CLIP that the object's surroundings are the object; samples whose
@@ -373,6 +375,7 @@ def train_clip(
     history: dict[str, Any] = {"meta": meta, "epochs": []}
     resume_path = Path(str(out_path) + ".resume")
     start_epoch, step = 0, 0
+    mask_state: torch.Tensor | None = None
     if resume and resume_path.exists():
         state = torch.load(resume_path, map_location=device, weights_only=False)
         if state["meta"] == meta:
@@ -380,10 +383,13 @@ def train_clip(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_epoch, step, history = state["epoch"], state["step"], state["history"]
+            mask_state = state.get("mask_generator")
         elif progress:
             print(f"{resume_path} is from other settings; training from the start")
     generator = torch.Generator().manual_seed(seed)
     mask_generator = torch.Generator().manual_seed(seed + 1)
+    if mask_state is not None:  # the masks a resumed run draws are the ones the uninterrupted run drew
+        mask_generator.set_state(mask_state)
     # Shuffle orders are drawn for every epoch up front so a resumed run sees the same batches.
     orders = [torch.randperm(len(samples), generator=generator) for _ in range(epochs)]
     started = time.perf_counter()
@@ -415,6 +421,7 @@ def train_clip(
                 clip.logit_scale.clamp_(0, math.log(100))
             losses.append(loss.item())
             step += 1
+            kill_if_test_step(step)
             if progress and hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         record = {
@@ -441,6 +448,7 @@ def train_clip(
                 "epoch": epoch + 1,
                 "step": step,
                 "history": history,
+                "mask_generator": mask_generator.get_state(),
             },
             tmp,
         )

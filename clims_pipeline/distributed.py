@@ -7,6 +7,7 @@ two code paths.
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -55,6 +56,16 @@ def init_distributed(requested_device: str | None) -> tuple[DistributedInfo, tor
         # Inference shards can be uneven (e.g. one rank gets the large images), so be patient at barriers.
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timedelta(hours=2))
     return DistributedInfo(rank=rank, world_size=world_size, local_rank=local_rank), device
+
+
+#: Test hook: SIGKILL this process right after the given (1-based) optimisation step, to test resuming.
+KILL_AT_STEP_ENV = "CLIMS_PIPELINE_TEST_KILL_AT_STEP"
+
+
+def kill_if_test_step(step: int) -> None:
+    """Kill this process at the step :data:`KILL_AT_STEP_ENV` names (tests of resuming); no-op otherwise."""
+    if step and step == int(os.environ.get(KILL_AT_STEP_ENV, "0")):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def shutdown_distributed() -> None:

@@ -13,8 +13,6 @@ time.
 from __future__ import annotations
 
 import math
-import os
-import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -30,16 +28,13 @@ from tqdm import tqdm
 from .config import TrainConfig
 from .context import Stage, StageContext
 from .data import EpochIndexSampler, TrainCropDataset
-from .distributed import all_reduce_sum, barrier
+from .distributed import all_reduce_sum, barrier, kill_if_test_step
 from .files import save_torch
 from .networks import CAMNet
 from .runstate import StageOutput, output_digest
 
 #: loss_fn(model, batch) -> (scalar loss, {name: scalar tensor} for logging)
 LossFunction = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-#: Test hook: SIGKILL this process right after the given (1-based) optimisation step, to test resuming.
-KILL_AT_STEP_ENV = "CLIMS_PIPELINE_TEST_KILL_AT_STEP"
 
 
 def learning_rate_factor(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -261,7 +256,6 @@ def train_network(
         )
     logger = ctx.logger(stage)
     logger.log("start", step=step, total_steps=total_steps, global_batch=config.batch_size, world_size=world)
-    kill_at_step = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
 
     model.train()
     progress = tqdm(
@@ -292,8 +286,7 @@ def train_network(
                 averaged = _average_over_ranks(running.take(), count, ctx.device)
                 logger.log("train", step=step, epoch=epoch, lr=optimizer.param_groups[0]["lr"], **averaged)
                 progress.set_postfix(loss=f"{averaged['loss']:.4f}")
-            if kill_at_step and step == kill_at_step:
-                os.kill(os.getpid(), signal.SIGKILL)
+            kill_if_test_step(step)
         epoch += 1
         if ctx.dist.is_main:
             save_torch(

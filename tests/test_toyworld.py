@@ -6,6 +6,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -49,6 +50,12 @@ def _file_bytes(root: Path) -> dict[str, bytes]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != "toyworld.json"
     }
+
+
+def train_tiny_clip(samples: list, out_path: Path, **settings: Any) -> clip_training.ClipTrainingResult:
+    return clip_training.train_clip(
+        samples, model_name=toy_clip.TOY_CLIP_CONFIG, out_path=out_path, progress=False, **settings
+    )
 
 
 def test_generator_is_deterministic_by_seed(world: Path, tmp_path: Path) -> None:
@@ -174,16 +181,14 @@ def test_invalid_arguments_raise(tmp_path: Path) -> None:
 def test_train_clip_checkpoint_loads_back_with_identical_outputs(world: Path, tmp_path: Path) -> None:
     samples = toy_clip.toy_world_samples(world)
     out_path = tmp_path / "tiny.pt"
-    result = clip_training.train_clip(
+    result = train_tiny_clip(
         samples,
-        model_name=toy_clip.TOY_CLIP_CONFIG,
+        out_path,
         epochs=1,
         max_steps=3,
         batch_size=8,
         lr=1e-3,
         seed=0,
-        out_path=out_path,
-        progress=False,
     )
     assert out_path.exists() and result.history["epochs"][0]["step"] == 3
     loaded = open_clip.create_model(toy_clip.TOY_CLIP_CONFIG, pretrained=str(out_path))
@@ -276,13 +281,7 @@ def test_toy_clip_corpus_adds_cutouts_and_backgrounds_and_masks_only_safe_sample
     with pytest.raises(ValueError, match="toy CLIP corpus"):
         toy_clip.toy_corpus_settings("webb")
     with pytest.raises(ValueError, match="one maskable flag per sample"):
-        clip_training.train_clip(
-            samples,
-            model_name=toy_clip.TOY_CLIP_CONFIG,
-            maskable=maskable[:-1],
-            out_path=world / "x.pt",
-            progress=False,
-        )
+        train_tiny_clip(samples, world / "x.pt", maskable=maskable[:-1])
 
 
 def test_web_dark_corpus_masks_only_cutouts_and_adds_dark_scene_copies(world: Path) -> None:
@@ -306,13 +305,7 @@ def test_web_dark_corpus_masks_only_cutouts_and_adds_dark_scene_copies(world: Pa
     for image, caption in samples[-9:]:  # copies of the world's scenes, captioned as dark pictures
         assert str(image) in scene_images and caption in toy_clip.DARK_CAPTIONS
     with pytest.raises(ValueError, match="one darken flag per sample"):
-        clip_training.train_clip(
-            samples,
-            model_name=toy_clip.TOY_CLIP_CONFIG,
-            darken=darken[:-1],
-            out_path=world / "x.pt",
-            progress=False,
-        )
+        train_tiny_clip(samples, world / "x.pt", darken=darken[:-1])
 
 
 def test_darkening_scales_only_the_flagged_images_within_the_range() -> None:
@@ -352,15 +345,8 @@ def test_pixel_space_masking_fills_black_and_leaves_unmaskable_images_alone() ->
 
 def test_fixed_logit_scale_stays_fixed(world: Path, tmp_path: Path) -> None:
     samples = toy_clip.toy_world_samples(world)
-    result = clip_training.train_clip(
-        samples,
-        model_name=toy_clip.TOY_CLIP_CONFIG,
-        epochs=1,
-        max_steps=2,
-        batch_size=8,
-        out_path=tmp_path / "t.pt",
-        progress=False,
-        fixed_logit_scale=100.0,
+    result = train_tiny_clip(
+        samples, tmp_path / "t.pt", epochs=1, max_steps=2, batch_size=8, fixed_logit_scale=100.0
     )
     assert result.model.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-6)
     assert result.history["meta"]["fixed_logit_scale"] == 100.0

@@ -61,7 +61,6 @@ def _register() -> None:
             build=lambda root, cache_dir: ToySource(root),
             root_help="a toy world directory (generated into <workdir>/toyworld when no root is given)",
             prompt_presets={"paper": TOY, "official": TOY},
-            train_split="train_aug",
             eval_split="val",
             default_preset=TOY,
             fallback=True,

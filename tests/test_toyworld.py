@@ -208,7 +208,11 @@ def test_train_clip_checkpoint_loads_back_with_identical_outputs(world: Path, tm
     registry = cl.BackgroundPromptRegistry(**toyworld.toy_prompts())
     assert registry.backgrounds_for("boat")[0] == "water"
     evaluator = cl.CLIPTextDrivenEvaluator.from_pretrained(
-        toy_clip.TOY_CLIP_CONFIG, pretrained=out_path, prompts=registry
+        toy_clip.TOY_CLIP_CONFIG,
+        pretrained=out_path,
+        prompts=registry,
+        image_mean=cl.UNIT_MEAN,  # the images below are raw pixels in [0, 1]
+        image_std=cl.UNIT_STD,
     )
     labels = torch.zeros(2, len(toyworld.TOY_CLASSES))
     labels[0, 1] = labels[1, 3] = 1

@@ -22,13 +22,31 @@ import numpy as np
 import torch
 
 
+def current_umask() -> int:
+    """The process umask, read from /proc where it can be (Linux), else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write(file)`` on a temporary file next to ``path``; rename it to ``path`` when it succeeds."""
+    """Call ``write(file)`` on a temporary file next to ``path``; rename it to ``path`` when it succeeds.
+
+    The file gets the mode a plain ``open(path, "w")`` would give it (``0o666`` less the umask), not the
+    owner-only ``0o600`` of ``tempfile.mkstemp``, so shared result folders stay readable by the group.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     try:
         with os.fdopen(handle, "wb") as file:
+            os.fchmod(file.fileno(), 0o666 & ~current_umask())
             write(file)
             file.flush()
             os.fsync(file.fileno())

@@ -103,3 +103,23 @@ def test_run_logger_writes_jsonl_and_tensorboard_scalars_when_available(
     silent = RunLogger(tmp_path / "other.jsonl", None, enabled=False)  # ranks other than 0
     silent.log("train", step=1, loss=1.0)
     assert not (tmp_path / "other.jsonl").exists()
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_write_follows_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    import os
+    import stat
+
+    from clims_pipeline.files import save_npy, write_json
+
+    previous = os.umask(umask)
+    try:
+        written = [
+            atomic_write(tmp_path / "a.bin", lambda file: file.write(b"x")),
+            write_json(tmp_path / "b.json", {"a": 1}),
+            save_npy(tmp_path / "c.npy", np.zeros(2)),
+        ]
+    finally:
+        os.umask(previous)
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == mode, f"{path}: {oct(path.stat().st_mode)}"

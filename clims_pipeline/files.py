@@ -13,6 +13,8 @@ import fcntl
 import json
 import os
 import tempfile
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,18 +97,59 @@ def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
 
 
+class DamagedResultsError(ValueError):
+    """``results.json`` is not a JSON object; the message names the file and what is wrong with it."""
+
+
+def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``results.json`` at ``path`` ({} when there is none); :class:`DamagedResultsError` names the file
+    when it is not JSON or not a JSON object."""
+    results_path = Path(path)
+    if not results_path.exists():
+        return {}
+    try:
+        results = read_json(results_path)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DamagedResultsError(f"{results_path} is damaged: not JSON ({error})") from error
+    if not isinstance(results, dict):
+        raise DamagedResultsError(
+            f"{results_path} is damaged: expected a JSON object, got {type(results).__name__}"
+        )
+    return results
+
+
+def move_aside(path: Path, why: str) -> Path:
+    """Rename a damaged file to ``<name>.damaged-<timestamp>`` (kept for the user) and warn naming both."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.damaged-{stamp}")
+    counter = 1
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.damaged-{stamp}-{counter}")
+        counter += 1
+    os.replace(path, aside)
+    warnings.warn(
+        f"{why}; moved it aside to {aside} and started a new {path} (rerun the other evaluation stages to "
+        "put their figures back; their own tables are in their output folders)",
+        stacklevel=3,
+    )
+    return aside
+
+
 def update_results(path: str | os.PathLike[str], updates: dict[str, Any]) -> dict[str, Any]:
     """Merge ``updates`` (top-level keys, one per stage) into the JSON file at ``path``; return the result.
 
     The read-modify-write runs under a lock and ends in an atomic rename, so stages that finish at the same
-    time
-    (or a run killed mid-write) never lose or truncate another stage's keys.
+    time (or a run killed mid-write) never lose or truncate another stage's keys. A damaged file (not JSON,
+    or not a JSON object) never costs the new figures: it is moved aside to ``results.json.damaged-<time>``
+    with a warning naming both files, and the update goes into a fresh file.
     """
     results_path = Path(path)
     with file_lock(results_path.with_name(f".{results_path.name}.lock")):
-        merged: dict[str, Any] = read_json(results_path) if results_path.exists() else {}
-        if not isinstance(merged, dict):
-            raise ValueError(f"expected a JSON object in {results_path}, got {type(merged).__name__}")
+        try:
+            merged = read_results(results_path)
+        except DamagedResultsError as error:
+            move_aside(results_path, str(error))
+            merged = {}
         merged.update(updates)
         write_json(results_path, merged)
     return merged

@@ -70,6 +70,16 @@ def open_image_checked(path: Path, what: str) -> Image.Image:
         raise DatasetError(f"unreadable {what}: {path} ({error})") from error
 
 
+def decode_image(path: Path) -> tuple[int, int]:
+    """Decode an image's pixel data (a truncated or corrupt file fails here, not in training); its size."""
+    with open_image_checked(path, "image") as image:
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError) as error:
+            raise DatasetError(f"unreadable image: {path} ({error})") from error
+        return int(image.size[0]), int(image.size[1])
+
+
 def load_rgb(path: Path) -> Image.Image:
     image = open_image_checked(path, "image")
     try:
@@ -141,22 +151,77 @@ class SegmentationSource(ABC):
     def load_mask(self, image_id: str) -> np.ndarray:
         return load_index_mask(self.mask_path(image_id))
 
-    def validate(self, split: str, need_masks: bool = False, need_labels: bool = False) -> list[str]:
-        """Check that a split's list and images exist and open, and its masks (``need_masks``) or whatever its
-        image-level labels come from (``need_labels``); return its ids.
+    def list_file(self, split: str) -> str:
+        """Where a split's ids are listed (named in preflight errors)."""
+        return f"split {split!r} of {self.name}"
 
-        Only headers are read (cheap even for 10k files); pixel-data errors are reported by name when decoded.
-        """
-        image_ids = self.ids(split)
-        if not image_ids:
-            raise DatasetError(f"split {split!r} of {self.name} lists no images")
-        for image_id in image_ids:
-            with open_image_checked(self.image_path(image_id), "image"):
-                pass
-            if need_masks:
-                self.check_mask(image_id)
-            elif need_labels:
-                self.check_label_source(image_id)
+    def label_file(self, image_id: str, need_masks: bool, need_labels: bool) -> Path | None:
+        """The file the checks read for an image's mask (``need_masks``) or image-level labels
+        (``need_labels``): its mask unless a subclass says otherwise; None when neither is needed."""
+        return self.mask_path(image_id) if need_masks or need_labels else None
+
+    def preflight_files(self, image_id: str, need_masks: bool, need_labels: bool) -> list[Path]:
+        """The files the preflight of one image reads (their size and mtime key its cache)."""
+        label_file = self.label_file(image_id, need_masks, need_labels)
+        return [self.image_path(image_id), *([label_file] if label_file is not None else [])]
+
+    def check_item(self, image_id: str, need_masks: bool, need_labels: bool) -> list[tuple[str, str]]:
+        """Read one image (decoded, not only its header) and its mask or label source; return its problems
+        as ``(kind, message)`` pairs, each message naming the file (and the value, for masks)."""
+        problems: list[tuple[str, str]] = []
+        image_path = self.image_path(image_id)
+        size: tuple[int, int] | None = None
+        if not image_path.is_file():
+            problems.append(("missing image", f"missing image: {image_path}"))
+        else:
+            try:
+                size = decode_image(image_path)
+            except DatasetError as error:
+                problems.append(("unreadable image", str(error)))
+        label_file = self.label_file(image_id, need_masks, need_labels)
+        if label_file is not None:
+            problems += self.check_label_file(label_file, size)
+        return problems
+
+    def check_label_file(self, path: Path, image_size: tuple[int, int] | None) -> list[tuple[str, str]]:
+        """Decode a mask; check its values (0..K, 255 void) and that its size is its image's."""
+        if not path.is_file():
+            return [("missing mask", f"missing mask: {path}")]
+        try:
+            mask = load_index_mask(path)
+        except DatasetError as error:
+            return [("unreadable mask", str(error))]
+        problems: list[tuple[str, str]] = []
+        counts = np.bincount(mask.ravel(), minlength=256)
+        bad = [value for value in range(self.num_classes + 1, VOID_LABEL) if counts[value]]
+        if bad:
+            shown = ", ".join(str(value) for value in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            problems.append(
+                (
+                    "mask value out of range",
+                    f"mask {path} holds value {shown} ({int(counts[bad].sum())} pixels); expected "
+                    f"0..{self.num_classes} (background and the {self.num_classes} classes) or void "
+                    f"{VOID_LABEL}",
+                )
+            )
+        height, width = mask.shape
+        if image_size is not None and (width, height) != image_size:
+            problems.append(
+                (
+                    "mask size differs from image",
+                    f"mask {path} is {width}x{height} but its image is {image_size[0]}x{image_size[1]}",
+                )
+            )
+        return problems
+
+    def validate(self, split: str, need_masks: bool = False, need_labels: bool = False) -> list[str]:
+        """Check a split's list, every image (decoded) and its masks (``need_masks``) or whatever its
+        image-level labels come from (``need_labels``); return its ids, or raise a :class:`DatasetError`
+        listing every problem (see :mod:`clims_pipeline.preflight`, which also caches and shards this)."""
+        from .preflight import check_split, raise_problems
+
+        image_ids, problems = check_split(self, split, need_masks, need_labels)
+        raise_problems(problems)
         return image_ids
 
     def check_mask(self, image_id: str) -> None:
@@ -245,6 +310,25 @@ class VOCSource(SegmentationSource):
         ):
             return
         self.check_mask(image_id)
+
+    def list_file(self, split: str) -> str:
+        return str(self.list_path(split))
+
+    def label_file(self, image_id: str, need_masks: bool, need_labels: bool) -> Path | None:
+        mask_path = self.mask_path(image_id)
+        xml_path = self.root / "Annotations" / f"{image_id}.xml"
+        if not need_masks and need_labels and not mask_path.is_file() and xml_path.is_file():
+            return xml_path
+        return super().label_file(image_id, need_masks, need_labels)
+
+    def check_label_file(self, path: Path, image_size: tuple[int, int] | None) -> list[tuple[str, str]]:
+        if path.suffix == ".xml":
+            try:
+                self._labels_from_xml(path)
+            except DatasetError as error:
+                return [("unreadable annotation", str(error))]
+            return []
+        return super().check_label_file(path, image_size)
 
     def compute_labels(self, image_id: str) -> list[int]:
         mask_path = self.mask_path(image_id)
@@ -369,6 +453,25 @@ class COCOSource(SegmentationSource):
     def check_mask(self, image_id: str) -> None:
         """Masks are rendered from the annotation file on first use; checking would render all of them."""
         self._annotations(image_id)
+
+    def list_file(self, split: str) -> str:
+        return str(self.annotation_path(split))
+
+    def label_file(self, image_id: str, need_masks: bool, need_labels: bool) -> Path | None:
+        """Masks and labels come from the annotation file (checked by ``check_item``), not a mask file."""
+        return None
+
+    def preflight_files(self, image_id: str, need_masks: bool, need_labels: bool) -> list[Path]:
+        return [self.image_path(image_id), self.annotation_path(self._split_of(image_id))]
+
+    def check_item(self, image_id: str, need_masks: bool, need_labels: bool) -> list[tuple[str, str]]:
+        problems = super().check_item(image_id, need_masks, need_labels)
+        if need_masks or need_labels:
+            try:
+                self._annotations(image_id)
+            except (DatasetError, KeyError, ValueError) as error:
+                problems.append(("unreadable annotation", f"no annotation for {image_id!r} ({error})"))
+        return problems
 
     def check_label_source(self, image_id: str) -> None:
         self._annotations(image_id)

@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -153,3 +153,61 @@ def update_results(path: str | os.PathLike[str], updates: dict[str, Any]) -> dic
         merged.update(updates)
         write_json(results_path, merged)
     return merged
+
+
+# ------------------------------------------------------------------------------------------------------
+# the one rule of every derived cache
+
+
+def file_stamp(path: Path) -> list[int] | None:
+    """What a cache keys one input file by: its size and modification time (ns); None when it is missing."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return [status.st_size, status.st_mtime_ns]
+
+
+class StampedCache:
+    """A JSON cache of per-item values, each entry keyed by the one rule every cache here follows:
+    the size and modification time of each file the value was derived from, plus the class list.
+
+    An entry whose files changed (edited, replaced, touched, removed) is stale and ``get`` misses; so is the
+    whole cache when the class list (or ``context``, e.g. which checks ran) changed. ``force`` (``--force``)
+    ignores what is on disk. ``path`` None keeps everything in memory.
+    """
+
+    RULE = "size+mtime_ns of each input file, plus the class list"
+
+    def __init__(
+        self, path: Path | None, class_names: Sequence[str], context: Any = None, force: bool = False
+    ):
+        self.path = path
+        self.key = {"rule": self.RULE, "class_names": list(class_names), "context": context}
+        self.entries: dict[str, list[Any]] = {}
+        if path is not None and not force and path.is_file():
+            try:
+                stored = read_json(path)
+            except (OSError, ValueError):
+                stored = None  # a damaged cache is only a slower run
+            if isinstance(stored, dict) and stored.get("key") == json.loads(json.dumps(self.key)):
+                entries = stored.get("entries")
+                self.entries = entries if isinstance(entries, dict) else {}
+
+    @staticmethod
+    def stamps(files: Sequence[Path]) -> list[Any]:
+        return [[str(path), file_stamp(path)] for path in files]
+
+    def get(self, item: str, stamps: list[Any], default: Any = None) -> Any:
+        """The cached value of ``item`` when it was derived from files with exactly these ``stamps``."""
+        entry = self.entries.get(item)
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == stamps:
+            return entry[1]
+        return default
+
+    def put(self, item: str, stamps: list[Any], value: Any) -> None:
+        self.entries[item] = [stamps, value]
+
+    def save(self) -> None:
+        if self.path is not None:
+            write_json(self.path, {"key": self.key, "entries": self.entries})

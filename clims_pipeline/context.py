@@ -171,6 +171,7 @@ class StageContext:
     _loggers: dict[str, RunLogger] = field(default_factory=dict)
     _validated: dict[tuple[str, bool, bool], list[str]] = field(default_factory=dict)
     _collected: list[Problem] | None = None
+    _labelled: set[str] = field(default_factory=set)  # splits whose labels this run derived or read
 
     @property
     def seed(self) -> int:
@@ -243,7 +244,9 @@ class StageContext:
     def labels(self, split: str) -> dict[str, list[int]]:
         """Image-level labels of a split; the main rank derives and caches them, the others read the cache."""
         if self.dist.is_main:
-            labels = self.source.labels(split, self.cache_dir)
+            force = self.force and split not in self._labelled  # --force: derived again once per run
+            labels = self.source.labels(split, self.cache_dir, force=force)
+            self._labelled.add(split)
         barrier()
         if not self.dist.is_main:
             labels = self.source.labels(split, self.cache_dir)

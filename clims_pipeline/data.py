@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from clims_loss import IMAGENET_MEAN, IMAGENET_STD
 
-from .files import read_json, save_png, write_json
+from .files import StampedCache, save_png
 from .plugins import load_plugins
 
 VOID_LABEL = 255
@@ -232,19 +232,36 @@ class SegmentationSource(ABC):
         """Image-level labels come from the mask unless a subclass says otherwise."""
         self.check_mask(image_id)
 
-    def labels(self, split: str, cache_dir: Path | None) -> dict[str, list[int]]:
-        """Image-level labels of a split, derived once and cached as JSON in ``cache_dir``."""
-        cache_path = cache_dir / f"labels_{self.name}_{split}.json" if cache_dir is not None else None
-        if cache_path is not None and cache_path.exists():
-            cached = read_json(cache_path)
-            if cached.get("fingerprint") == self.fingerprint():
-                return {k: list(v) for k, v in cached["labels"].items()}
-        labels = {image_id: self.compute_labels(image_id) for image_id in self.ids(split)}
-        if cache_path is not None:
-            write_json(
-                cache_path,
-                {"fingerprint": self.fingerprint(), "class_names": list(self.class_names), "labels": labels},
-            )
+    def label_files(self, image_id: str) -> list[Path]:
+        """The files an image's labels are derived from (their size and mtime key the label cache)."""
+        label_file = self.label_file(image_id, need_masks=False, need_labels=True)
+        return [label_file] if label_file is not None else []
+
+    def labels(self, split: str, cache_dir: Path | None, force: bool = False) -> dict[str, list[int]]:
+        """Image-level labels of a split, derived once and cached as JSON in ``cache_dir``.
+
+        The cache follows the rule of every cache here (:class:`clims_pipeline.files.StampedCache`): an
+        image's entry holds while its mask (or annotation) keeps its size and mtime and the class list is the
+        same, so an edited mask gets new labels; ``force`` (``--force``) derives every label again.
+        """
+        cache = StampedCache(
+            cache_dir / f"labels_{self.name}_{split}.json" if cache_dir is not None else None,
+            self.class_names,
+            context={"source": self.fingerprint()},
+            force=force,
+        )
+        labels: dict[str, list[int]] = {}
+        derived = 0
+        for image_id in self.ids(split):
+            stamps = cache.stamps(self.label_files(image_id))
+            value = cache.get(image_id, stamps)
+            if not isinstance(value, list):
+                value = self.compute_labels(image_id)
+                cache.put(image_id, stamps, value)
+                derived += 1
+            labels[image_id] = [int(v) for v in value]
+        if derived or force:
+            cache.save(fingerprint=self.fingerprint(), class_names=list(self.class_names), labels=labels)
         return labels
 
 
@@ -463,6 +480,9 @@ class COCOSource(SegmentationSource):
 
     def preflight_files(self, image_id: str, need_masks: bool, need_labels: bool) -> list[Path]:
         return [self.image_path(image_id), self.annotation_path(self._split_of(image_id))]
+
+    def label_files(self, image_id: str) -> list[Path]:
+        return [self.annotation_path(self._split_of(image_id))]
 
     def check_item(self, image_id: str, need_masks: bool, need_labels: bool) -> list[tuple[str, str]]:
         problems = super().check_item(image_id, need_masks, need_labels)

@@ -208,6 +208,7 @@ class StampedCache:
     def put(self, item: str, stamps: list[Any], value: Any) -> None:
         self.entries[item] = [stamps, value]
 
-    def save(self) -> None:
+    def save(self, **readable: Any) -> None:
+        """Write the cache, with ``readable`` views of it for people (never read back)."""
         if self.path is not None:
-            write_json(self.path, {"key": self.key, "entries": self.entries})
+            write_json(self.path, {**readable, "key": self.key, "entries": self.entries})

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from clims_loss import IMAGENET_MEAN, IMAGENET_STD
 
-from .files import StampedCache, save_png
+from .files import StampedCache, atomic_write, save_png
 from .plugins import load_plugins
 
 VOID_LABEL = 255
@@ -112,6 +112,66 @@ def multi_hot(class_indices: Sequence[int], num_classes: int) -> np.ndarray:
     vector = np.zeros(num_classes, dtype=np.float32)
     vector[list(class_indices)] = 1.0
     return vector
+
+
+#: (kind, message): the message names the file, the value (for masks) and the list it came from.
+Problem = tuple[str, str]
+
+#: How many problems of each kind the error message shows (all of them go to the problems file).
+SHOWN_PER_KIND = 10
+
+
+def duplicate_problems(image_ids: Sequence[str], list_file: str) -> list[Problem]:
+    lines: dict[str, list[int]] = {}
+    for line, image_id in enumerate(image_ids, start=1):
+        lines.setdefault(image_id, []).append(line)
+    return [
+        (
+            "duplicate id",
+            f"id {image_id!r} is listed {len(where)} times in {list_file} (entries "
+            f"{', '.join(map(str, where))}): it would be trained and evaluated {len(where)} times; remove "
+            "the repeated lines",
+        )
+        for image_id, where in lines.items()
+        if len(where) > 1
+    ]
+
+
+def format_problems(problems: Sequence[Problem], limit: int | None = SHOWN_PER_KIND) -> str:
+    """Problems grouped by kind (in order of first appearance) with counts; ``limit`` of each kind shown."""
+    groups: dict[str, list[str]] = {}
+    for kind, message in problems:
+        groups.setdefault(kind, []).append(message)
+    lines: list[str] = []
+    for kind, messages in groups.items():
+        lines.append(f"{kind}: {len(messages)}")
+        shown = messages if limit is None else messages[:limit]
+        lines += [f"  - {message}" for message in shown]
+        if len(shown) < len(messages):
+            lines.append(f"  ... and {len(messages) - len(shown)} more")
+    return "\n".join(lines)
+
+
+def raise_problems(
+    problems: Sequence[Problem], problems_file: Path | None = None, also: BaseException | None = None
+) -> None:
+    """Raise one :class:`DatasetError` reporting every problem (grouped); write the full list to
+    ``problems_file`` when given (and remove a stale one when there are no problems)."""
+    if not problems:
+        if problems_file is not None:
+            problems_file.unlink(missing_ok=True)
+        return
+    where = ""
+    if problems_file is not None:
+        full = f"{len(problems)} problems found by the preflight\n\n{format_problems(problems, None)}\n"
+        atomic_write(problems_file, lambda file: file.write(full.encode("utf-8")))
+        where = f"\nthe full list is in {problems_file}"
+    if also is not None:
+        where += f"\nthe preflight also stopped on: {also}"
+    raise DatasetError(
+        f"the preflight found {len(problems)} problem(s) in the data; nothing was trained. Fix or remove "
+        f"these files (or their lines in the list) and rerun:\n{format_problems(problems)}{where}"
+    ) from also
 
 
 class SegmentationSource(ABC):
@@ -217,10 +277,16 @@ class SegmentationSource(ABC):
     def validate(self, split: str, need_masks: bool = False, need_labels: bool = False) -> list[str]:
         """Check a split's list, every image (decoded) and its masks (``need_masks``) or whatever its
         image-level labels come from (``need_labels``); return its ids, or raise a :class:`DatasetError`
-        listing every problem (see :mod:`clims_pipeline.preflight`, which also caches and shards this)."""
-        from .preflight import check_split, raise_problems
-
-        image_ids, problems = check_split(self, split, need_masks, need_labels)
+        listing every problem (``clims_pipeline.preflight`` does the same with a cache, over the ranks)."""
+        image_ids = self.ids(split)
+        if not image_ids:
+            raise DatasetError(f"split {split!r} of {self.name} lists no images ({self.list_file(split)})")
+        problems = duplicate_problems(image_ids, self.list_file(split))
+        for image_id in dict.fromkeys(image_ids):
+            problems += [
+                (kind, f"{message} (listed in {self.list_file(split)})")
+                for kind, message in self.check_item(image_id, need_masks, need_labels)
+            ]
         raise_problems(problems)
         return image_ids
 

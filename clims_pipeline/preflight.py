@@ -15,18 +15,21 @@ and the problems are gathered, so no rank alone outlasts the process-group timeo
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .data import DatasetError, SegmentationSource
-from .files import StampedCache, atomic_write
+from .data import (
+    DatasetError,
+    Problem,
+    SegmentationSource,
+    duplicate_problems,
+    format_problems,
+    raise_problems,
+)
+from .files import StampedCache
 
-#: (kind, message): the message names the file, the value (for masks) and the list it came from.
-Problem = tuple[str, str]
-
-#: How many problems of each kind the error message shows (all of them go to the problems file).
-SHOWN_PER_KIND = 10
+__all__ = ["Problem", "check_split", "format_problems", "raise_problems"]
 
 
 def check_mode(need_masks: bool, need_labels: bool) -> str:
@@ -35,22 +38,6 @@ def check_mode(need_masks: bool, need_labels: bool) -> str:
 
 def cache_path(cache_dir: Path, source: SegmentationSource, need_masks: bool, need_labels: bool) -> Path:
     return cache_dir / f"preflight_{source.name}_{check_mode(need_masks, need_labels)}.json"
-
-
-def duplicate_problems(image_ids: Sequence[str], list_file: str) -> list[Problem]:
-    lines: dict[str, list[int]] = {}
-    for line, image_id in enumerate(image_ids, start=1):
-        lines.setdefault(image_id, []).append(line)
-    return [
-        (
-            "duplicate id",
-            f"id {image_id!r} is listed {len(where)} times in {list_file} (entries "
-            f"{', '.join(map(str, where))}): it would be trained and evaluated {len(where)} times; remove "
-            "the repeated lines",
-        )
-        for image_id, where in lines.items()
-        if len(where) > 1
-    ]
 
 
 def check_split(
@@ -113,40 +100,3 @@ def check_split(
             f"{time.perf_counter() - started:.1f} s over {world_size} process(es)"
         )
     return image_ids, problems
-
-
-def format_problems(problems: Sequence[Problem], limit: int | None = SHOWN_PER_KIND) -> str:
-    """Problems grouped by kind (in order of first appearance) with counts; ``limit`` of each kind shown."""
-    groups: dict[str, list[str]] = {}
-    for kind, message in problems:
-        groups.setdefault(kind, []).append(message)
-    lines: list[str] = []
-    for kind, messages in groups.items():
-        lines.append(f"{kind}: {len(messages)}")
-        shown = messages if limit is None else messages[:limit]
-        lines += [f"  - {message}" for message in shown]
-        if len(shown) < len(messages):
-            lines.append(f"  ... and {len(messages) - len(shown)} more")
-    return "\n".join(lines)
-
-
-def raise_problems(
-    problems: Sequence[Problem], problems_file: Path | None = None, also: BaseException | None = None
-) -> None:
-    """Raise one :class:`DatasetError` reporting every problem (grouped); write the full list to
-    ``problems_file`` when given (and remove a stale one when there are no problems)."""
-    if not problems:
-        if problems_file is not None:
-            problems_file.unlink(missing_ok=True)
-        return
-    where = ""
-    if problems_file is not None:
-        full = f"{len(problems)} problems found by the preflight\n\n{format_problems(problems, None)}\n"
-        atomic_write(problems_file, lambda file: file.write(full.encode("utf-8")))
-        where = f"\nthe full list is in {problems_file}"
-    if also is not None:
-        where += f"\nthe preflight also stopped on: {also}"
-    raise DatasetError(
-        f"the preflight found {len(problems)} problem(s) in the data; nothing was trained. Fix or remove "
-        f"these files (or their lines in the list) and rerun:\n{format_problems(problems)}{where}"
-    ) from also

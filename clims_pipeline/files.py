@@ -10,6 +10,7 @@ truncated file that a rerun would trust.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -68,6 +69,39 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
 def read_json(path: str | os.PathLike[str]) -> Any:
     with open(path, encoding="utf-8") as file:
         return json.load(file)
+
+
+class DamagedFileError(RuntimeError):
+    """An output or checkpoint file is damaged (truncated, corrupt or changed); the message names it and
+    says what to do."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_proof(path: Path) -> dict[str, Any]:
+    """What a manifest records of a file a later stage trusts: its size and sha256."""
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def load_torch_file(path: Path, remedy: str, weights_only: bool = False) -> Any:
+    """``torch.load`` that names the file when it cannot be read (truncated, corrupt, not a torch file),
+    with ``remedy`` (what to do), instead of a bare ``OSError`` or unpickling error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch raises OSError, RuntimeError, EOFError, UnpicklingError, ...
+        size = path.stat().st_size if path.exists() else 0
+        raise DamagedFileError(
+            f"{path} ({size} bytes) is damaged and cannot be loaded ({type(error).__name__}: {error}); "
+            f"{remedy}"
+        ) from error
 
 
 def save_torch(path: str | os.PathLike[str], obj: Any) -> Path:

@@ -29,9 +29,9 @@ from .config import TrainConfig
 from .context import Stage, StageContext
 from .data import EpochIndexSampler, TrainCropDataset
 from .distributed import all_reduce_sum, barrier, kill_if_test_step
-from .files import save_torch
+from .files import DamagedFileError, load_torch_file, save_torch
 from .networks import CAMNet
-from .runstate import StageOutput, output_digest
+from .runstate import StageOutput, output_digest, verify_file
 
 #: loss_fn(model, batch) -> (scalar loss, {name: scalar tensor} for logging)
 LossFunction = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -176,10 +176,16 @@ def final_model_path(ctx: StageContext, stage: str) -> Path:
 
 
 def load_final_model(path: Path, model: nn.Module) -> dict[str, Any]:
-    """Load a stage's ``model.pt`` into ``model``; return its metadata."""
+    """Load a stage's ``model.pt`` into ``model``, after checking it against the size and sha256 its
+    manifest recorded; return its metadata. A damaged file raises :class:`DamagedFileError` naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"missing {path}: run the stage that writes it first")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    stage = path.parent.name
+    verify_file(path, stage)
+    remedy = f"rerun stage {stage} with --force to rebuild it"
+    payload = load_torch_file(path, remedy)
+    if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict):
+        raise DamagedFileError(f"{path} holds no model (no 'state_dict'); {remedy}")
     model.load_state_dict(payload["state_dict"])
     meta: dict[str, Any] = payload.get("meta", {})
     return meta
@@ -237,7 +243,10 @@ def train_network(
     # not depend on it, so a run may resume on another number of GPUs.
     start_epoch, step = 0, 0
     if checkpoint_path.exists():
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        checkpoint = load_torch_file(
+            checkpoint_path,
+            f"delete it to restart {stage} from its first step (or rerun with --force to start over)",
+        )
         if checkpoint["fingerprint"] != fingerprint:
             raise RuntimeError(
                 f"{checkpoint_path} was written with other settings ({checkpoint['fingerprint']}); "
@@ -306,8 +315,11 @@ def train_network(
 
     if ctx.dist.is_main:
         save_torch(final_path, {"state_dict": model.state_dict(), "meta": {**fingerprint, "steps": step}})
+    # The manifest vouches for model.pt (size + sha256) before the checkpoint goes: a kill in between
+    # leaves a finished output, never a model nothing can prove.
+    output.complete(proofs=[final_path.name], steps=step)
+    if ctx.dist.is_main:
         checkpoint_path.unlink(missing_ok=True)
-    output.complete(steps=step)
     logger.log("done", step=step)
     barrier()
     ctx.print(f"[{stage}] wrote {final_path}")

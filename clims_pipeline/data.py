@@ -13,6 +13,7 @@ foreground classes (index ``k`` is mask value ``k + 1``); masks keep ``0`` for b
 
 from __future__ import annotations
 
+import itertools
 import xml.etree.ElementTree as ElementTree
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -725,21 +726,27 @@ class TrainCropDataset(Dataset[dict[str, Any]]):
 
 
 class EpochIndexSampler(torch.utils.data.Sampler[tuple[int, int]]):
-    """Wraps a (Distributed)Sampler so that it yields ``(epoch, index)`` for :class:`TrainCropDataset`."""
+    """Wraps a (Distributed)Sampler so that it yields ``(epoch, index)`` for :class:`TrainCropDataset`.
+
+    ``set_epoch(epoch, skip)`` leaves out the first ``skip`` indices of this rank's order for the epoch:
+    resuming mid-epoch skips the batches already trained without loading them.
+    """
 
     def __init__(self, sampler: torch.utils.data.DistributedSampler[int]):
         self.sampler = sampler
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch = epoch
+        self.skip = skip
         self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, index) for index in self.sampler)
+        return ((self.epoch, index) for index in itertools.islice(self.sampler, self.skip, None))
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return max(len(self.sampler) - self.skip, 0)
 
 
 class FullImageDataset(Dataset[dict[str, Any]]):

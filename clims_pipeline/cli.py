@@ -376,8 +376,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if spec.prepare is not None:
             spec.prepare(ctx)
         # Check every input the selected stages will read before the first one starts.
-        for stage in selected:
-            stage.preflight(ctx)
+        ctx.begin_preflight()
+        try:
+            for stage in selected:
+                stage.preflight(ctx)
+        except Exception as error:
+            ctx.end_preflight(also=error)  # the data problems found so far come first, with this error
+            raise
+        ctx.end_preflight()
         for stage in selected:
             started = time.perf_counter()
             stage.run(ctx)

@@ -79,6 +79,9 @@ class TrainConfig:
     poly_power: float = 0.9
     max_steps: int | None = None  # stop early after this many optimisation steps (tests); None = all epochs
     log_every: int = 20
+    # Also write checkpoint.pt every this many steps (None: at the end of every epoch only, as always; a
+    # checkpoint is also written on SIGTERM). It does not change the result, so it is not in the fingerprint.
+    checkpoint_every: int | None = None
 
 
 @dataclass

@@ -35,8 +35,9 @@ import torch
 from .config import PipelineConfig
 from .crf import require_densecrf
 from .data import SegmentationSource, build_source
-from .distributed import DistributedInfo, barrier
+from .distributed import DistributedInfo, all_gather_objects, barrier
 from .files import update_results
+from .preflight import Problem, check_split, raise_problems
 from .runstate import StageOutput, read_manifest
 
 
@@ -169,6 +170,8 @@ class StageContext:
     requested_stages: list[str] = field(default_factory=list)
     _loggers: dict[str, RunLogger] = field(default_factory=dict)
     _validated: dict[tuple[str, bool, bool], list[str]] = field(default_factory=dict)
+    _collected: list[Problem] | None = None
+    _labelled: set[str] = field(default_factory=set)  # splits whose labels this run derived or read
 
     @property
     def seed(self) -> int:
@@ -195,18 +198,55 @@ class StageContext:
     def source(self) -> SegmentationSource:
         return build_source(self.config.dataset, self.config.data.root, self.cache_dir)
 
+    @property
+    def problems_file(self) -> Path:
+        return self.workdir / "preflight" / "problems.txt"
+
     def validate_split(self, split: str, need_masks: bool = False, need_labels: bool = False) -> list[str]:
-        """The ids of a split after checking its list, images and masks or label sources (see
-        ``SegmentationSource.validate``); each check runs once per pipeline run."""
+        """The ids of a split after reading its list, every image and its masks or label sources (see
+        ``clims_pipeline.preflight``); each check runs once per pipeline run, shared over the ranks, and a
+        passed image is not read again while its files are unchanged. Between :meth:`begin_preflight` and
+        :meth:`end_preflight` the problems are collected (and reported together) instead of raised.
+        Collective under ``torchrun``: every rank calls it."""
         key = (split, need_masks, need_labels)
         if key not in self._validated:
-            self._validated[key] = self.source.validate(split, need_masks=need_masks, need_labels=need_labels)
+            image_ids, problems = check_split(
+                self.source,
+                split,
+                need_masks,
+                need_labels,
+                cache_dir=self.cache_dir,
+                force=self.force,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                gather=all_gather_objects,
+                say=self.print,
+            )
+            if self._collected is not None:
+                self._collected += problems
+            else:
+                raise_problems(problems, self.problems_file if self.dist.is_main else None)
+            self._validated[key] = image_ids
         return self._validated[key]
+
+    def begin_preflight(self) -> None:
+        """Collect data problems from here on (the stages' preflights), to report them all at once."""
+        self._collected = []
+
+    def end_preflight(self, also: BaseException | None = None) -> None:
+        """Raise one error with every problem collected since :meth:`begin_preflight` (grouped by kind,
+        the full list in ``<workdir>/preflight/problems.txt``)."""
+        problems, self._collected = self._collected or [], None
+        # The same split can be checked for images and for masks: report a problem once.
+        unique = list(dict.fromkeys(problems))
+        raise_problems(unique, self.problems_file if self.dist.is_main else None, also=also)
 
     def labels(self, split: str) -> dict[str, list[int]]:
         """Image-level labels of a split; the main rank derives and caches them, the others read the cache."""
         if self.dist.is_main:
-            labels = self.source.labels(split, self.cache_dir)
+            force = self.force and split not in self._labelled  # --force: derived again once per run
+            labels = self.source.labels(split, self.cache_dir, force=force)
+            self._labelled.add(split)
         barrier()
         if not self.dist.is_main:
             labels = self.source.labels(split, self.cache_dir)

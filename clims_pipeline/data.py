@@ -13,6 +13,7 @@ foreground classes (index ``k`` is mask value ``k + 1``); masks keep ``0`` for b
 
 from __future__ import annotations
 
+import itertools
 import xml.etree.ElementTree as ElementTree
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +28,7 @@ from torch.utils.data import Dataset
 
 from clims_loss import IMAGENET_MEAN, IMAGENET_STD
 
-from .files import read_json, save_png, write_json
+from .files import StampedCache, atomic_write, save_png
 from .plugins import load_plugins
 
 VOID_LABEL = 255
@@ -70,6 +71,16 @@ def open_image_checked(path: Path, what: str) -> Image.Image:
         raise DatasetError(f"unreadable {what}: {path} ({error})") from error
 
 
+def decode_image(path: Path) -> tuple[int, int]:
+    """Decode an image's pixel data (a truncated or corrupt file fails here, not in training); its size."""
+    with open_image_checked(path, "image") as image:
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError) as error:
+            raise DatasetError(f"unreadable image: {path} ({error})") from error
+        return int(image.size[0]), int(image.size[1])
+
+
 def load_rgb(path: Path) -> Image.Image:
     image = open_image_checked(path, "image")
     try:
@@ -102,6 +113,66 @@ def multi_hot(class_indices: Sequence[int], num_classes: int) -> np.ndarray:
     vector = np.zeros(num_classes, dtype=np.float32)
     vector[list(class_indices)] = 1.0
     return vector
+
+
+#: (kind, message): the message names the file, the value (for masks) and the list it came from.
+Problem = tuple[str, str]
+
+#: How many problems of each kind the error message shows (all of them go to the problems file).
+SHOWN_PER_KIND = 10
+
+
+def duplicate_problems(image_ids: Sequence[str], list_file: str) -> list[Problem]:
+    lines: dict[str, list[int]] = {}
+    for line, image_id in enumerate(image_ids, start=1):
+        lines.setdefault(image_id, []).append(line)
+    return [
+        (
+            "duplicate id",
+            f"id {image_id!r} is listed {len(where)} times in {list_file} (entries "
+            f"{', '.join(map(str, where))}): it would be trained and evaluated {len(where)} times; remove "
+            "the repeated lines",
+        )
+        for image_id, where in lines.items()
+        if len(where) > 1
+    ]
+
+
+def format_problems(problems: Sequence[Problem], limit: int | None = SHOWN_PER_KIND) -> str:
+    """Problems grouped by kind (in order of first appearance) with counts; ``limit`` of each kind shown."""
+    groups: dict[str, list[str]] = {}
+    for kind, message in problems:
+        groups.setdefault(kind, []).append(message)
+    lines: list[str] = []
+    for kind, messages in groups.items():
+        lines.append(f"{kind}: {len(messages)}")
+        shown = messages if limit is None else messages[:limit]
+        lines += [f"  - {message}" for message in shown]
+        if len(shown) < len(messages):
+            lines.append(f"  ... and {len(messages) - len(shown)} more")
+    return "\n".join(lines)
+
+
+def raise_problems(
+    problems: Sequence[Problem], problems_file: Path | None = None, also: BaseException | None = None
+) -> None:
+    """Raise one :class:`DatasetError` reporting every problem (grouped); write the full list to
+    ``problems_file`` when given (and remove a stale one when there are no problems)."""
+    if not problems:
+        if problems_file is not None:
+            problems_file.unlink(missing_ok=True)
+        return
+    where = ""
+    if problems_file is not None:
+        full = f"{len(problems)} problems found by the preflight\n\n{format_problems(problems, None)}\n"
+        atomic_write(problems_file, lambda file: file.write(full.encode("utf-8")))
+        where = f"\nthe full list is in {problems_file}"
+    if also is not None:
+        where += f"\nthe preflight also stopped on: {also}"
+    raise DatasetError(
+        f"the preflight found {len(problems)} problem(s) in the data; nothing was trained. Fix or remove "
+        f"these files (or their lines in the list) and rerun:\n{format_problems(problems)}{where}"
+    ) from also
 
 
 class SegmentationSource(ABC):
@@ -141,22 +212,83 @@ class SegmentationSource(ABC):
     def load_mask(self, image_id: str) -> np.ndarray:
         return load_index_mask(self.mask_path(image_id))
 
-    def validate(self, split: str, need_masks: bool = False, need_labels: bool = False) -> list[str]:
-        """Check that a split's list and images exist and open, and its masks (``need_masks``) or whatever its
-        image-level labels come from (``need_labels``); return its ids.
+    def list_file(self, split: str) -> str:
+        """Where a split's ids are listed (named in preflight errors)."""
+        return f"split {split!r} of {self.name}"
 
-        Only headers are read (cheap even for 10k files); pixel-data errors are reported by name when decoded.
-        """
+    def label_file(self, image_id: str, need_masks: bool, need_labels: bool) -> Path | None:
+        """The file the checks read for an image's mask (``need_masks``) or image-level labels
+        (``need_labels``): its mask unless a subclass says otherwise; None when neither is needed."""
+        return self.mask_path(image_id) if need_masks or need_labels else None
+
+    def preflight_files(self, image_id: str, need_masks: bool, need_labels: bool) -> list[Path]:
+        """The files the preflight of one image reads (their size and mtime key its cache)."""
+        label_file = self.label_file(image_id, need_masks, need_labels)
+        return [self.image_path(image_id), *([label_file] if label_file is not None else [])]
+
+    def check_item(self, image_id: str, need_masks: bool, need_labels: bool) -> list[tuple[str, str]]:
+        """Read one image (decoded, not only its header) and its mask or label source; return its problems
+        as ``(kind, message)`` pairs, each message naming the file (and the value, for masks)."""
+        problems: list[tuple[str, str]] = []
+        image_path = self.image_path(image_id)
+        size: tuple[int, int] | None = None
+        if not image_path.is_file():
+            problems.append(("missing image", f"missing image: {image_path}"))
+        else:
+            try:
+                size = decode_image(image_path)
+            except DatasetError as error:
+                problems.append(("unreadable image", str(error)))
+        label_file = self.label_file(image_id, need_masks, need_labels)
+        if label_file is not None:
+            problems += self.check_label_file(label_file, size)
+        return problems
+
+    def check_label_file(self, path: Path, image_size: tuple[int, int] | None) -> list[tuple[str, str]]:
+        """Decode a mask; check its values (0..K, 255 void) and that its size is its image's."""
+        if not path.is_file():
+            return [("missing mask", f"missing mask: {path}")]
+        try:
+            mask = load_index_mask(path)
+        except DatasetError as error:
+            return [("unreadable mask", str(error))]
+        problems: list[tuple[str, str]] = []
+        counts = np.bincount(mask.ravel(), minlength=256)
+        bad = [value for value in range(self.num_classes + 1, VOID_LABEL) if counts[value]]
+        if bad:
+            shown = ", ".join(str(value) for value in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            problems.append(
+                (
+                    "mask value out of range",
+                    f"mask {path} holds value {shown} ({int(counts[bad].sum())} pixels); expected "
+                    f"0..{self.num_classes} (background and the {self.num_classes} classes) or void "
+                    f"{VOID_LABEL}",
+                )
+            )
+        height, width = mask.shape
+        if image_size is not None and (width, height) != image_size:
+            problems.append(
+                (
+                    "mask size differs from image",
+                    f"mask {path} is {width}x{height} but its image is {image_size[0]}x{image_size[1]}",
+                )
+            )
+        return problems
+
+    def validate(self, split: str, need_masks: bool = False, need_labels: bool = False) -> list[str]:
+        """Check a split's list, every image (decoded) and its masks (``need_masks``) or whatever its
+        image-level labels come from (``need_labels``); return its ids, or raise a :class:`DatasetError`
+        listing every problem (``clims_pipeline.preflight`` does the same with a cache, over the ranks)."""
         image_ids = self.ids(split)
         if not image_ids:
-            raise DatasetError(f"split {split!r} of {self.name} lists no images")
-        for image_id in image_ids:
-            with open_image_checked(self.image_path(image_id), "image"):
-                pass
-            if need_masks:
-                self.check_mask(image_id)
-            elif need_labels:
-                self.check_label_source(image_id)
+            raise DatasetError(f"split {split!r} of {self.name} lists no images ({self.list_file(split)})")
+        problems = duplicate_problems(image_ids, self.list_file(split))
+        for image_id in dict.fromkeys(image_ids):
+            problems += [
+                (kind, f"{message} (listed in {self.list_file(split)})")
+                for kind, message in self.check_item(image_id, need_masks, need_labels)
+            ]
+        raise_problems(problems)
         return image_ids
 
     def check_mask(self, image_id: str) -> None:
@@ -167,19 +299,36 @@ class SegmentationSource(ABC):
         """Image-level labels come from the mask unless a subclass says otherwise."""
         self.check_mask(image_id)
 
-    def labels(self, split: str, cache_dir: Path | None) -> dict[str, list[int]]:
-        """Image-level labels of a split, derived once and cached as JSON in ``cache_dir``."""
-        cache_path = cache_dir / f"labels_{self.name}_{split}.json" if cache_dir is not None else None
-        if cache_path is not None and cache_path.exists():
-            cached = read_json(cache_path)
-            if cached.get("fingerprint") == self.fingerprint():
-                return {k: list(v) for k, v in cached["labels"].items()}
-        labels = {image_id: self.compute_labels(image_id) for image_id in self.ids(split)}
-        if cache_path is not None:
-            write_json(
-                cache_path,
-                {"fingerprint": self.fingerprint(), "class_names": list(self.class_names), "labels": labels},
-            )
+    def label_files(self, image_id: str) -> list[Path]:
+        """The files an image's labels are derived from (their size and mtime key the label cache)."""
+        label_file = self.label_file(image_id, need_masks=False, need_labels=True)
+        return [label_file] if label_file is not None else []
+
+    def labels(self, split: str, cache_dir: Path | None, force: bool = False) -> dict[str, list[int]]:
+        """Image-level labels of a split, derived once and cached as JSON in ``cache_dir``.
+
+        The cache follows the rule of every cache here (:class:`clims_pipeline.files.StampedCache`): an
+        image's entry holds while its mask (or annotation) keeps its size and mtime and the class list is the
+        same, so an edited mask gets new labels; ``force`` (``--force``) derives every label again.
+        """
+        cache = StampedCache(
+            cache_dir / f"labels_{self.name}_{split}.json" if cache_dir is not None else None,
+            self.class_names,
+            context={"source": self.fingerprint()},
+            force=force,
+        )
+        labels: dict[str, list[int]] = {}
+        derived = 0
+        for image_id in self.ids(split):
+            stamps = cache.stamps(self.label_files(image_id))
+            value = cache.get(image_id, stamps)
+            if not isinstance(value, list):
+                value = self.compute_labels(image_id)
+                cache.put(image_id, stamps, value)
+                derived += 1
+            labels[image_id] = [int(v) for v in value]
+        if derived or force:
+            cache.save(fingerprint=self.fingerprint(), class_names=list(self.class_names), labels=labels)
         return labels
 
 
@@ -245,6 +394,25 @@ class VOCSource(SegmentationSource):
         ):
             return
         self.check_mask(image_id)
+
+    def list_file(self, split: str) -> str:
+        return str(self.list_path(split))
+
+    def label_file(self, image_id: str, need_masks: bool, need_labels: bool) -> Path | None:
+        mask_path = self.mask_path(image_id)
+        xml_path = self.root / "Annotations" / f"{image_id}.xml"
+        if not need_masks and need_labels and not mask_path.is_file() and xml_path.is_file():
+            return xml_path
+        return super().label_file(image_id, need_masks, need_labels)
+
+    def check_label_file(self, path: Path, image_size: tuple[int, int] | None) -> list[tuple[str, str]]:
+        if path.suffix == ".xml":
+            try:
+                self._labels_from_xml(path)
+            except DatasetError as error:
+                return [("unreadable annotation", str(error))]
+            return []
+        return super().check_label_file(path, image_size)
 
     def compute_labels(self, image_id: str) -> list[int]:
         mask_path = self.mask_path(image_id)
@@ -369,6 +537,28 @@ class COCOSource(SegmentationSource):
     def check_mask(self, image_id: str) -> None:
         """Masks are rendered from the annotation file on first use; checking would render all of them."""
         self._annotations(image_id)
+
+    def list_file(self, split: str) -> str:
+        return str(self.annotation_path(split))
+
+    def label_file(self, image_id: str, need_masks: bool, need_labels: bool) -> Path | None:
+        """Masks and labels come from the annotation file (checked by ``check_item``), not a mask file."""
+        return None
+
+    def preflight_files(self, image_id: str, need_masks: bool, need_labels: bool) -> list[Path]:
+        return [self.image_path(image_id), self.annotation_path(self._split_of(image_id))]
+
+    def label_files(self, image_id: str) -> list[Path]:
+        return [self.annotation_path(self._split_of(image_id))]
+
+    def check_item(self, image_id: str, need_masks: bool, need_labels: bool) -> list[tuple[str, str]]:
+        problems = super().check_item(image_id, need_masks, need_labels)
+        if need_masks or need_labels:
+            try:
+                self._annotations(image_id)
+            except (DatasetError, KeyError, ValueError) as error:
+                problems.append(("unreadable annotation", f"no annotation for {image_id!r} ({error})"))
+        return problems
 
     def check_label_source(self, image_id: str) -> None:
         self._annotations(image_id)
@@ -536,21 +726,27 @@ class TrainCropDataset(Dataset[dict[str, Any]]):
 
 
 class EpochIndexSampler(torch.utils.data.Sampler[tuple[int, int]]):
-    """Wraps a (Distributed)Sampler so that it yields ``(epoch, index)`` for :class:`TrainCropDataset`."""
+    """Wraps a (Distributed)Sampler so that it yields ``(epoch, index)`` for :class:`TrainCropDataset`.
+
+    ``set_epoch(epoch, skip)`` leaves out the first ``skip`` indices of this rank's order for the epoch:
+    resuming mid-epoch skips the batches already trained without loading them.
+    """
 
     def __init__(self, sampler: torch.utils.data.DistributedSampler[int]):
         self.sampler = sampler
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch = epoch
+        self.skip = skip
         self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, index) for index in self.sampler)
+        return ((self.epoch, index) for index in itertools.islice(self.sampler, self.skip, None))
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return max(len(self.sampler) - self.skip, 0)
 
 
 class FullImageDataset(Dataset[dict[str, Any]]):

@@ -62,10 +62,14 @@ def init_distributed(requested_device: str | None) -> tuple[DistributedInfo, tor
 KILL_AT_STEP_ENV = "CLIMS_PIPELINE_TEST_KILL_AT_STEP"
 
 
+#: Test hook: the signal :data:`KILL_AT_STEP_ENV` sends (``KILL`` unless set, e.g. ``TERM``).
+KILL_SIGNAL_ENV = "CLIMS_PIPELINE_TEST_KILL_SIGNAL"
+
+
 def kill_if_test_step(step: int) -> None:
     """Kill this process at the step :data:`KILL_AT_STEP_ENV` names (tests of resuming); no-op otherwise."""
     if step and step == int(os.environ.get(KILL_AT_STEP_ENV, "0")):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, f"SIG{os.environ.get(KILL_SIGNAL_ENV, 'KILL')}"))
 
 
 def shutdown_distributed() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .distributed import DistributedInfo, barrier, broadcast_object
-from .files import read_json, write_json
+from .files import DamagedFileError, file_proof, read_json, sha256_file, write_json
 
 MANIFEST = "manifest.json"
 
@@ -83,6 +83,29 @@ def output_digest(directory: Path, what: str) -> str:
     return digest(manifest["fingerprint"])
 
 
+def verify_file(path: Path, stage: str) -> None:
+    """Check ``path`` against the size and sha256 its output's manifest recorded (a file the manifest does not
+    vouch for, e.g. from an older version, is not checked); raise :class:`DamagedFileError` naming the file
+    and saying to rerun ``stage`` with ``--force``."""
+    manifest = read_manifest(path.parent) or {}
+    proof = (manifest.get("files") or {}).get(path.name)
+    if proof is None or not path.is_file():
+        return
+    remedy = f"rerun stage {stage} with --force to rebuild it (or delete {path.parent})"
+    size = path.stat().st_size
+    if size != proof.get("size"):
+        raise DamagedFileError(
+            f"{path} is damaged: {size} bytes, but {path.parent / MANIFEST} recorded {proof.get('size')} "
+            f"bytes when {stage} wrote it; {remedy}"
+        )
+    actual = sha256_file(path)
+    if actual != proof.get("sha256"):
+        raise DamagedFileError(
+            f"{path} is damaged: its sha256 is {actual}, but {path.parent / MANIFEST} recorded "
+            f"{proof.get('sha256')} when {stage} wrote it; {remedy}"
+        )
+
+
 class StageOutput:
     """One stage output directory under the protocol (the main rank writes; every rank may read).
 
@@ -129,9 +152,26 @@ class StageOutput:
             and manifest.get("fingerprint") == self.fingerprint
         )
 
+    def damaged_files(self) -> list[str]:
+        """The files the manifest vouches for (``complete(proofs=...)``) whose size is not the recorded one:
+        what a truncated or missing model looks like (the cheap check; ``verify_file`` hashes)."""
+        manifest = read_manifest(self.directory) or {}
+        damaged = []
+        for name, proof in (manifest.get("files") or {}).items():
+            path = self.directory / name
+            size = path.stat().st_size if path.is_file() else None
+            if size != proof.get("size"):
+                found = "missing" if size is None else f"{size} bytes"
+                damaged.append(f"{path} is {found}, its manifest recorded {proof.get('size')} bytes")
+        return damaged
+
     def reuse(self, what: Path | str | None = None) -> bool:
-        """True (after saying so) when the output is current and the stage has nothing to do."""
+        """True (after saying so) when the output is current, its files whole, and there is nothing to do."""
         if not self.is_current():
+            return False
+        damaged = self.damaged_files()
+        if damaged:
+            self.say(f"[{self.stage}] recomputing {self.directory}: {'; '.join(damaged)}")
             return False
         self.say(f"[{self.stage}] done already: {what or self.directory} (use --force to redo it)")
         return True
@@ -176,12 +216,20 @@ class StageOutput:
             else:
                 child.unlink()
 
-    def complete(self, **extra: Any) -> None:
-        """Mark the output finished (main rank), with ``extra`` facts for people reading the manifest."""
+    def complete(self, proofs: Sequence[str] = (), **extra: Any) -> None:
+        """Mark the output finished (main rank), with ``extra`` facts for people reading the manifest and the
+        size and sha256 of the files named in ``proofs`` (see :func:`verify_file`)."""
         if self.dist.is_main:
+            files = {name: file_proof(self.directory / name) for name in proofs}
             write_json(
                 self.manifest_path,
-                {"stage": self.stage, "fingerprint": self.fingerprint, "complete": True, **extra},
+                {
+                    "stage": self.stage,
+                    "fingerprint": self.fingerprint,
+                    "complete": True,
+                    **({"files": files} if files else {}),
+                    **extra,
+                },
             )
 
     # ------------------------------------------------------------------------------------ per-image files

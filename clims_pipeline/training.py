@@ -13,6 +13,7 @@ time.
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -29,9 +30,9 @@ from .config import TrainConfig
 from .context import Stage, StageContext
 from .data import EpochIndexSampler, TrainCropDataset
 from .distributed import all_reduce_sum, barrier, kill_if_test_step
-from .files import save_torch
+from .files import DamagedFileError, load_torch_file, save_torch
 from .networks import CAMNet
-from .runstate import StageOutput, output_digest
+from .runstate import StageOutput, output_digest, verify_file
 
 #: loss_fn(model, batch) -> (scalar loss, {name: scalar tensor} for logging)
 LossFunction = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -176,10 +177,16 @@ def final_model_path(ctx: StageContext, stage: str) -> Path:
 
 
 def load_final_model(path: Path, model: nn.Module) -> dict[str, Any]:
-    """Load a stage's ``model.pt`` into ``model``; return its metadata."""
+    """Load a stage's ``model.pt`` into ``model``, after checking it against the size and sha256 its
+    manifest recorded; return its metadata. A damaged file raises :class:`DamagedFileError` naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"missing {path}: run the stage that writes it first")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    stage = path.parent.name
+    verify_file(path, stage)
+    remedy = f"rerun stage {stage} with --force to rebuild it"
+    payload = load_torch_file(path, remedy)
+    if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict):
+        raise DamagedFileError(f"{path} holds no model (no 'state_dict'); {remedy}")
     model.load_state_dict(payload["state_dict"])
     meta: dict[str, Any] = payload.get("meta", {})
     return meta
@@ -235,9 +242,12 @@ def train_network(
 
     # The number of processes is not part of the fingerprint: the global batches, and so the optimisation, do
     # not depend on it, so a run may resume on another number of GPUs.
-    start_epoch, step = 0, 0
+    start_epoch, step, epoch_batches = 0, 0, 0
     if checkpoint_path.exists():
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        checkpoint = load_torch_file(
+            checkpoint_path,
+            f"delete it to restart {stage} from its first step (or rerun with --force to start over)",
+        )
         if checkpoint["fingerprint"] != fingerprint:
             raise RuntimeError(
                 f"{checkpoint_path} was written with other settings ({checkpoint['fingerprint']}); "
@@ -247,7 +257,9 @@ def train_network(
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, step = checkpoint["epoch"], checkpoint["step"]
-        ctx.print(f"[{stage}] resuming from {checkpoint_path} (epoch {start_epoch}, step {step})")
+        epoch_batches = int(checkpoint.get("epoch_batches", 0))  # global batches of start_epoch already done
+        where = f", {epoch_batches} batches into it" if epoch_batches else ""
+        ctx.print(f"[{stage}] resuming from {checkpoint_path} (epoch {start_epoch}, step {step}{where})")
 
     trained: nn.Module = model
     if world > 1:
@@ -257,37 +269,7 @@ def train_network(
     logger = ctx.logger(stage)
     logger.log("start", step=step, total_steps=total_steps, global_batch=config.batch_size, world_size=world)
 
-    model.train()
-    progress = tqdm(
-        total=total_steps, initial=step, desc=stage, disable=not ctx.dist.is_main, dynamic_ncols=True
-    )
-    epoch = start_epoch
-    while step < total_steps:
-        sampler.set_epoch(epoch)
-        running = RunningSums(config.log_every)
-        for batch in loader:
-            if step >= total_steps:
-                break
-            batch = {
-                key: value.to(ctx.device, non_blocking=True) if torch.is_tensor(value) else value
-                for key, value in batch.items()
-            }
-
-            def compute_loss(batch: dict[str, Any] = batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-                with autocast_context(ctx.device, ctx.amp):
-                    return loss_fn(trained, batch)
-
-            loss, parts = schedule.step(step, compute_loss, scaler, stage)
-            step += 1
-            progress.update(1)
-            running.add({"loss": loss, **parts})
-            count = running.due(step, total_steps)
-            if count:
-                averaged = _average_over_ranks(running.take(), count, ctx.device)
-                logger.log("train", step=step, epoch=epoch, lr=optimizer.param_groups[0]["lr"], **averaged)
-                progress.set_postfix(loss=f"{averaged['loss']:.4f}")
-            kill_if_test_step(step)
-        epoch += 1
+    def save_checkpoint(epoch: int, epoch_batches: int) -> None:
         if ctx.dist.is_main:
             save_torch(
                 checkpoint_path,
@@ -296,22 +278,103 @@ def train_network(
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
                     "epoch": epoch,
+                    "epoch_batches": epoch_batches,
                     "step": step,
                     "fingerprint": fingerprint,
                 },
             )
-        logger.log("epoch_end", step=step, epoch=epoch)
-        barrier()
+
+    model.train()
+    progress = tqdm(
+        total=total_steps, initial=step, desc=stage, disable=not ctx.dist.is_main, dynamic_ncols=True
+    )
+    epoch = start_epoch
+    with termination_requests() as terminate:
+        while step < total_steps:
+            # The order of an epoch is a function of (seed, epoch), so the batches already trained in it are
+            # skipped by position (each rank skips its share of them: per-rank batch x batches).
+            sampler.set_epoch(epoch, skip=epoch_batches * per_rank_batch)
+            running = RunningSums(config.log_every)
+            for batch in loader:
+                if step >= total_steps:
+                    break
+                batch = {
+                    key: value.to(ctx.device, non_blocking=True) if torch.is_tensor(value) else value
+                    for key, value in batch.items()
+                }
+
+                def compute_loss(
+                    batch: dict[str, Any] = batch,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    with autocast_context(ctx.device, ctx.amp):
+                        return loss_fn(trained, batch)
+
+                loss, parts = schedule.step(step, compute_loss, scaler, stage)
+                step += 1
+                epoch_batches += 1
+                progress.update(1)
+                running.add({"loss": loss, **parts})
+                count = running.due(step, total_steps)
+                if count:
+                    averaged = _average_over_ranks(running.take(), count, ctx.device)
+                    logger.log(
+                        "train", step=step, epoch=epoch, lr=optimizer.param_groups[0]["lr"], **averaged
+                    )
+                    progress.set_postfix(loss=f"{averaged['loss']:.4f}")
+                kill_if_test_step(step)
+                if terminate(ctx.device):
+                    save_checkpoint(epoch, epoch_batches)
+                    logger.log("terminated", step=step, epoch=epoch)
+                    barrier()
+                    ctx.print(f"[{stage}] SIGTERM: saved {checkpoint_path} at step {step}; rerun to resume")
+                    raise SystemExit(128 + signal.SIGTERM)
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+                    save_checkpoint(epoch, epoch_batches)
+            epoch += 1
+            epoch_batches = 0
+            save_checkpoint(epoch, 0)
+            logger.log("epoch_end", step=step, epoch=epoch)
+            barrier()
     progress.close()
 
     if ctx.dist.is_main:
         save_torch(final_path, {"state_dict": model.state_dict(), "meta": {**fingerprint, "steps": step}})
+    # The manifest vouches for model.pt (size + sha256) before the checkpoint goes: a kill in between
+    # leaves a finished output, never a model nothing can prove.
+    output.complete(proofs=[final_path.name], steps=step)
+    if ctx.dist.is_main:
         checkpoint_path.unlink(missing_ok=True)
-    output.complete(steps=step)
     logger.log("done", step=step)
     barrier()
     ctx.print(f"[{stage}] wrote {final_path}")
     return final_path
+
+
+@contextmanager
+def termination_requests() -> Iterator[Callable[[torch.device], bool]]:
+    """While training, SIGTERM (a cluster preempting the job) only sets a flag; the loop asks
+    ``terminate(device)`` after each step, which is true on every rank once any rank got the signal, so that
+    all ranks stop at the same step after a checkpoint. The previous handler is restored afterwards."""
+    received = {"flag": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        received["flag"] = True
+
+    def terminate(device: torch.device) -> bool:
+        if torch.distributed.is_initialized():
+            flag = torch.tensor([1.0 if received["flag"] else 0.0], device=device)
+            return bool(all_reduce_sum(flag).item() > 0)
+        return received["flag"]
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield terminate
+        return
+    try:
+        yield terminate
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _average_over_ranks(sums: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
@@ -362,7 +425,11 @@ class TrainerStage(Stage):
         raise NotImplementedError
 
     def output(self, ctx: StageContext) -> StageOutput:
-        fingerprint = {"train": asdict(self.train_config(ctx)), "seed": ctx.seed, **self.fingerprint(ctx)}
+        fingerprint = {
+            "train": train_fingerprint(self.train_config(ctx)),
+            "seed": ctx.seed,
+            **self.fingerprint(ctx),
+        }
         return ctx.output(self.name, ctx.workdir / self.name, fingerprint)
 
     def run(self, ctx: StageContext) -> None:
@@ -373,6 +440,13 @@ class TrainerStage(Stage):
         model = self.build_model(ctx)
         loss_fn = self.loss_function(ctx, model)
         train_network(ctx, output, model, dataset, self.train_config(ctx), loss_fn)  # type: ignore[arg-type]
+
+
+def train_fingerprint(config: TrainConfig) -> dict[str, Any]:
+    """The settings the trained weights depend on: all but when checkpoints are written."""
+    settings = asdict(config)
+    del settings["checkpoint_every"]
+    return settings
 
 
 def model_digest(ctx: StageContext, stage: str) -> str:

@@ -234,3 +234,33 @@ def test_coco_labels_and_semantic_masks(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"instances_val2014\.json"):
         (tmp_path / "coco" / "annotations" / "instances_val2014.json").unlink()
         COCOSource(tmp_path / "coco", mask_cache_dir=tmp_path / "masks2").ids("val")
+
+
+def test_label_cache_follows_edited_masks_and_force(tmp_path: Path) -> None:
+    import json
+    import os
+
+    root = make_mini_voc(tmp_path / "voc", train=3, val=1)
+    cache = tmp_path / "cache"
+    source = VOCSource(root)
+    image_id = source.ids("train")[0]
+    labels = source.labels("train", cache)
+    assert labels == source.labels("train", None)  # cached and derived labels agree
+    mask_path = source.mask_path(image_id)
+    mask = Image.open(mask_path)
+    array = np.array(mask)
+    array[:6, :6] = 3  # paint a boat (class index 2) into the corner
+    edited = Image.fromarray(array, mode="P")
+    edited.putpalette(mask.getpalette() or [])
+    edited.save(mask_path)
+    status = mask_path.stat()
+    os.utime(mask_path, ns=(status.st_atime_ns, status.st_mtime_ns + 1_000_000))  # even on a coarse clock
+    assert 2 in source.labels("train", cache)[image_id] and 2 not in labels[image_id]
+    # --force derives again even what the cache's rule takes for unchanged (here: a tampered cache file).
+    cache_file = cache / "labels_voc_train.json"
+    stored = json.loads(cache_file.read_text())
+    stored["entries"][image_id][1] = [19]
+    cache_file.write_text(json.dumps(stored))
+    assert source.labels("train", cache)[image_id] == [19]
+    assert 2 in source.labels("train", cache, force=True)[image_id]
+    assert 2 in source.labels("train", cache)[image_id]  # and the cache holds the derived labels again

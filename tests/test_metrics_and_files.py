@@ -103,3 +103,66 @@ def test_run_logger_writes_jsonl_and_tensorboard_scalars_when_available(
     silent = RunLogger(tmp_path / "other.jsonl", None, enabled=False)  # ranks other than 0
     silent.log("train", step=1, loss=1.0)
     assert not (tmp_path / "other.jsonl").exists()
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_write_follows_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    import os
+    import stat
+
+    from clims_pipeline.files import save_npy, write_json
+
+    previous = os.umask(umask)
+    try:
+        written = [
+            atomic_write(tmp_path / "a.bin", lambda file: file.write(b"x")),
+            write_json(tmp_path / "b.json", {"a": 1}),
+            save_npy(tmp_path / "c.npy", np.zeros(2)),
+        ]
+    finally:
+        os.umask(previous)
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == mode, f"{path}: {oct(path.stat().st_mode)}"
+
+
+@pytest.mark.parametrize("damage", ['{"cam": {"miou": 5', "[1, 2]", "\xff\xfe"])
+def test_update_results_moves_a_damaged_file_aside_and_keeps_the_new_figure(
+    tmp_path: Path, damage: str
+) -> None:
+    path = tmp_path / "results.json"
+    path.write_bytes(damage.encode("latin-1"))
+    with pytest.warns(
+        UserWarning, match=r"results\.json is damaged.*moved it aside to .*results\.json\.damaged-"
+    ):
+        merged = update_results(path, {"rw": {"miou": 60.0}})
+    assert merged == {"rw": {"miou": 60.0}} == json.loads(path.read_text())
+    (aside,) = tmp_path.glob("results.json.damaged-*")
+    assert aside.read_bytes() == damage.encode("latin-1")  # the damaged file is kept for the user
+
+
+def _report(tmp_path: Path) -> None:
+    from pipeline_helpers import require_voc_sample, run_cli
+
+    run_cli(["--voc-root", require_voc_sample(), "--workdir", tmp_path, "--stages", "report"])
+
+
+def test_report_on_a_damaged_results_json_says_so(tmp_path: Path) -> None:
+    from clims_pipeline.files import DamagedResultsError
+
+    (tmp_path / "results.json").write_text('{"cam": {"miou": 5')
+    with pytest.raises(DamagedResultsError, match=r"report: .*results\.json is damaged: not JSON.*Rerun"):
+        _report(tmp_path)
+    (tmp_path / "results.json").write_text("[]")
+    with pytest.raises(
+        DamagedResultsError, match=r"results\.json is damaged: expected a JSON object, got list"
+    ):
+        _report(tmp_path)
+
+
+def test_report_names_a_damaged_entry_and_keeps_the_others(tmp_path: Path) -> None:
+    results = {"cam": {"threshold": 0.2}, "rw": 7, "seg": {"miou": 61.5, "split": "val", "images": 3}}
+    (tmp_path / "results.json").write_text(json.dumps({**results, "cam_baseline": "x"}))
+    _report(tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    assert "damaged entry 'cam' in results.json" in text and "damaged entry 'rw'" in text
+    assert "| 61.50 | val (3 images)" in text

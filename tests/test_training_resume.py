@@ -112,3 +112,50 @@ def test_killed_clims_training_resumes_to_the_uninterrupted_result(mini_voc: Pat
     actual = load_state(tmp_path / "killed" / "train_clims" / "model.pt")
     for key, value in expected.items():
         torch.testing.assert_close(actual[key], value, atol=1e-6, rtol=0, msg=f"parameter {key} differs")
+
+
+# 16 images, batch 4: 4 steps per epoch, 3 epochs; checkpoints every 3 steps land mid-epoch.
+MID_EPOCH = shlex.split(
+    "--stages train_cam --preset smoke --epochs-cam 3 --set train_cam.batch_size=4 "
+    "--set data.crop_size=48 --seed 5"
+)
+
+
+@pytest.fixture(scope="module")
+def mid_epoch_reference(mini_voc: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """An uninterrupted run without step checkpoints (they must not change the result)."""
+    workdir = tmp_path_factory.mktemp("mid_reference")
+    reference = run_subprocess(["--voc-root", mini_voc, "--workdir", workdir, *MID_EPOCH])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    return load_state(workdir / "train_cam" / "model.pt")
+
+
+def test_killed_after_a_mid_epoch_checkpoint_resumes_bit_identically(
+    mini_voc: Path, tmp_path: Path, mid_epoch_reference: dict[str, torch.Tensor]
+) -> None:
+    workdir = tmp_path / "killed"
+    args = ["--voc-root", mini_voc, "--workdir", workdir, *MID_EPOCH, "--set", "train_cam.checkpoint_every=3"]
+    killed = run_subprocess(args, env={"CLIMS_PIPELINE_TEST_KILL_AT_STEP": "7"})
+    assert killed.returncode == -signal.SIGKILL
+    checkpoint = torch.load(workdir / "train_cam" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert (checkpoint["epoch"], checkpoint["step"], checkpoint["epoch_batches"]) == (1, 6, 2)
+    resumed = run_subprocess(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(epoch 1, step 6, 2 batches into it)" in resumed.stdout
+    _assert_same_parameters(load_state(workdir / "train_cam" / "model.pt"), mid_epoch_reference)
+
+
+def test_sigterm_writes_a_checkpoint_and_the_rerun_resumes_bit_identically(
+    mini_voc: Path, tmp_path: Path, mid_epoch_reference: dict[str, torch.Tensor]
+) -> None:
+    workdir = tmp_path / "preempted"
+    args = ["--voc-root", mini_voc, "--workdir", workdir, *MID_EPOCH]
+    preempted = run_subprocess(
+        args, env={"CLIMS_PIPELINE_TEST_KILL_AT_STEP": "5", "CLIMS_PIPELINE_TEST_KILL_SIGNAL": "TERM"}
+    )
+    assert preempted.returncode == 128 + signal.SIGTERM, preempted.stderr[-3000:]
+    assert "SIGTERM: saved" in preempted.stdout and "at step 5" in preempted.stdout
+    resumed = run_subprocess(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(epoch 1, step 5, 1 batches into it)" in resumed.stdout
+    _assert_same_parameters(load_state(workdir / "train_cam" / "model.pt"), mid_epoch_reference)

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..config import PRESET_CAVEATS
 from ..context import Stage, StageContext, register_stage
-from ..files import atomic_write, read_json
+from ..files import DamagedResultsError, atomic_write, read_results
 
 #: CLIMS (CVPR 2022, camera-ready) on PASCAL VOC 2012: Table 1 (train split) and Table 2 (val, ImageNet init).
 PAPER_RESULTS = {
@@ -53,13 +53,19 @@ def render_results_markdown(results: dict[str, Any], header: str) -> str:
         if entry is None:
             lines.append(f"| {label} | not run | | | {paper_miou} | {paper_split}; {paper_settings} |")
             continue
+        if not _is_entry(entry):
+            lines.append(
+                f"| {label} | damaged entry {key!r} in results.json (rerun its stage) | | | {paper_miou} | "
+                f"{paper_split}; {paper_settings} |"
+            )
+            continue
         split = f"{entry.get('split')} ({entry.get('images')} images)"
         lines.append(
             f"| {label} | {entry['miou']:.2f} | {split} | {_settings(key, entry)} | {paper_miou} | "
             f"{paper_split}; {paper_settings} |"
         )
     baseline = results.get("cam_baseline")
-    if baseline is not None:
+    if baseline is not None and _is_entry(baseline):
         lines += [
             "",
             f"Baseline CAM (train_cam, before CLIMS): {baseline['miou']:.2f} on {baseline.get('split')}.",
@@ -67,11 +73,20 @@ def render_results_markdown(results: dict[str, Any], header: str) -> str:
     pictures = [
         f"- {results[key].get('source', key)}: `{results[key]['overlays']}`"
         for key in ("cam", "cam_baseline")
-        if key in results and results[key].get("overlays")
+        if _is_entry(results.get(key)) and results[key].get("overlays")
     ]
     if pictures:
         lines += ["", "CAM overlays (image | CAM | prediction | ground truth), one PNG per image:", *pictures]
     return "\n".join(lines) + "\n"
+
+
+def _is_entry(entry: Any) -> bool:
+    """An evaluation stage's entry as it writes it: an object with a numeric ``miou``."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("miou"), (int, float))
+        and not isinstance(entry.get("miou"), bool)
+    )
 
 
 @register_stage
@@ -85,7 +100,13 @@ class Report(Stage):
 def write_report(ctx: StageContext) -> None:
     if not ctx.dist.is_main:
         return
-    results = read_json(ctx.results_path) if ctx.results_path.exists() else {}
+    try:
+        results = read_results(ctx.results_path)
+    except DamagedResultsError as error:
+        raise DamagedResultsError(
+            f"report: {error}. No report was written. Rerun the evaluation stages (eval_cam, make_rw, "
+            f"eval_seg): they move the damaged file aside and write a new one"
+        ) from error
     config = ctx.config
     header = (
         f"Dataset {config.dataset}, preset `{config.preset}`, variant `{config.variant}`, training split "

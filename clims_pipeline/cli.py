@@ -8,7 +8,6 @@ data set, flags, ``--set`` overrides, or ``--config`` of a recorded run), record
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -28,7 +27,7 @@ from .config import PRESETS, VARIANTS, PipelineConfig, apply_override, build_con
 from .context import STAGES, StageContext, ordered_stages
 from .data import DATA_SOURCES, DataSourceSpec, data_source_spec
 from .distributed import init_distributed, shutdown_distributed
-from .files import read_json, write_json
+from .files import read_json, sha256_file, write_json
 from .networks import BACKBONES
 from .plugins import load_plugins
 from .runstate import changed_fields, describe_changes
@@ -259,14 +258,6 @@ def warn_about_changed_settings(
         )
 
 
-def _file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
 def provenance(config: PipelineConfig) -> dict[str, Any]:
     """What a rerun needs besides the config: package versions, source commit, hashes of the files read."""
     packages: dict[str, str | None] = {}
@@ -299,7 +290,7 @@ def provenance(config: PipelineConfig) -> dict[str, Any]:
     files = {
         field: {
             "path": str(Path(value).expanduser().resolve()),
-            "sha256": _file_sha256(Path(value).expanduser()),
+            "sha256": sha256_file(Path(value).expanduser()),
         }
         for field, value in named.items()
         if value and Path(value).expanduser().is_file()

@@ -24,13 +24,16 @@ def mini_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_mini_voc(tmp_path_factory.mktemp("mini_voc"), train=16, val=2)
 
 
+def uninterrupted_state(mini_voc: Path, workdir: Path, train: list[str]) -> dict[str, torch.Tensor]:
+    reference = run_subprocess(["--voc-root", mini_voc, "--workdir", workdir, *train])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    return load_state(workdir / "train_cam" / "model.pt")
+
+
 @pytest.fixture(scope="module")
 def reference_state(mini_voc: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     """The parameters of an uninterrupted run."""
-    workdir = tmp_path_factory.mktemp("reference")
-    reference = run_subprocess(["--voc-root", mini_voc, "--workdir", workdir, *TRAIN])
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    return load_state(workdir / "train_cam" / "model.pt")
+    return uninterrupted_state(mini_voc, tmp_path_factory.mktemp("reference"), TRAIN)
 
 
 def _kill_mid_run(mini_voc: Path, workdir: Path) -> None:
@@ -124,10 +127,7 @@ MID_EPOCH = shlex.split(
 @pytest.fixture(scope="module")
 def mid_epoch_reference(mini_voc: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     """An uninterrupted run without step checkpoints (they must not change the result)."""
-    workdir = tmp_path_factory.mktemp("mid_reference")
-    reference = run_subprocess(["--voc-root", mini_voc, "--workdir", workdir, *MID_EPOCH])
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    return load_state(workdir / "train_cam" / "model.pt")
+    return uninterrupted_state(mini_voc, tmp_path_factory.mktemp("mid_reference"), MID_EPOCH)
 
 
 def test_killed_after_a_mid_epoch_checkpoint_resumes_bit_identically(

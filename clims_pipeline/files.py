@@ -89,11 +89,13 @@ def file_proof(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def load_torch_file(path: Path, remedy: str, weights_only: bool = False) -> Any:
+def load_torch_file(
+    path: Path, remedy: str, weights_only: bool = False, map_location: str | torch.device = "cpu"
+) -> Any:
     """``torch.load`` that names the file when it cannot be read (truncated, corrupt, not a torch file),
     with ``remedy`` (what to do), instead of a bare ``OSError`` or unpickling error."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
     except FileNotFoundError:
         raise
     except Exception as error:  # torch raises OSError, RuntimeError, EOFError, UnpicklingError, ...

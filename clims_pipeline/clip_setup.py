@@ -55,7 +55,9 @@ def clip_checkpoint_path(ctx: StageContext) -> Path:
 def resolve_clip_pretrained(ctx: StageContext) -> str | None:
     """``train_clims.clip_pretrained`` as a tag or file for open_clip (None: random weights).
 
-    ``"train_clip"`` becomes the checkpoint that stage wrote."""
+    ``"train_clip"`` becomes the checkpoint that stage wrote, after checking it against the size and sha256
+    in its manifest (a truncated or changed CLIP raises :class:`DamagedFileError` naming it and the stage to
+    rerun): train_clims and mine_backgrounds load it through here."""
     value = ctx.config.train_clims.clip_pretrained
     if value == FROM_TRAIN_CLIP:
         path = clip_checkpoint_path(ctx)
@@ -63,6 +65,9 @@ def resolve_clip_pretrained(ctx: StageContext) -> str | None:
             raise FileNotFoundError(
                 f"train_clims.clip_pretrained=train_clip reads {path}: run stage train_clip"
             )
+        from .runstate import verify_file
+
+        verify_file(path, "train_clip")
         return str(path)
     return None if value in ("", "none") else value
 

@@ -43,6 +43,7 @@ from PIL import Image
 import clims_loss as cl
 
 from .distributed import kill_if_test_step
+from .files import load_torch_file
 
 # The paper's CLIP fine-tuning on label captions (camera-ready CLIMS).
 PAPER_FINETUNE: dict[str, float] = {"lr": 5e-5, "epochs": 20, "weight_decay": 0.003}
@@ -377,7 +378,11 @@ def train_clip(
     start_epoch, step = 0, 0
     mask_state: torch.Tensor | None = None
     if resume and resume_path.exists():
-        state = torch.load(resume_path, map_location=device, weights_only=False)
+        state = load_torch_file(
+            resume_path,
+            f"delete it to train {out_path} from the start (it is only a resume point)",
+            map_location=device,
+        )
         if state["meta"] == meta:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])

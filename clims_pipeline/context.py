@@ -36,7 +36,7 @@ from .config import PipelineConfig
 from .crf import require_densecrf
 from .data import SegmentationSource, build_source
 from .distributed import DistributedInfo, all_gather_objects, barrier
-from .files import update_results
+from .files import update_results, write_result_files
 from .preflight import Problem, check_split, raise_problems
 from .runstate import StageOutput, read_manifest
 
@@ -265,8 +265,12 @@ class StageContext:
             )
         return self._loggers[stage]
 
-    def update_results(self, updates: dict[str, Any]) -> None:
+    def update_results(self, updates: dict[str, Any], stage: str | None = None) -> None:
+        """Merge ``updates`` into ``results.json`` (main rank). With ``stage`` each entry is first written to
+        ``<workdir>/<stage>/result_<key>.json`` too: what a damaged ``results.json`` is rebuilt from."""
         if self.dist.is_main:
+            if stage is not None:
+                write_result_files(self.stage_dir(stage), updates)
             update_results(self.results_path, updates)
 
     def print(self, *parts: Any) -> None:

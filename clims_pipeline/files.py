@@ -89,11 +89,13 @@ def file_proof(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def load_torch_file(path: Path, remedy: str, weights_only: bool = False) -> Any:
+def load_torch_file(
+    path: Path, remedy: str, weights_only: bool = False, map_location: str | torch.device = "cpu"
+) -> Any:
     """``torch.load`` that names the file when it cannot be read (truncated, corrupt, not a torch file),
     with ``remedy`` (what to do), instead of a bare ``OSError`` or unpickling error."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
     except FileNotFoundError:
         raise
     except Exception as error:  # torch raises OSError, RuntimeError, EOFError, UnpicklingError, ...
@@ -152,6 +154,38 @@ def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     return results
 
 
+#: Each evaluation stage also writes its results.json entry to ``<workdir>/<stage>/result_<key>.json``: the
+#: stages' own outputs that a damaged (or missing) ``results.json`` is rebuilt from.
+RESULT_FILE_PREFIX = "result_"
+
+
+def result_file(stage_dir: Path, key: str) -> Path:
+    """Where a stage keeps its own copy of its ``results.json`` entry ``key``."""
+    return stage_dir / f"{RESULT_FILE_PREFIX}{key}.json"
+
+
+def write_result_files(stage_dir: Path, updates: dict[str, Any]) -> None:
+    """Write each entry of ``updates`` atomically to its own file in ``stage_dir`` (:func:`result_file`)."""
+    for key, value in updates.items():
+        write_json(result_file(stage_dir, key), value)
+
+
+def rebuild_results(workdir: Path) -> dict[str, Any]:
+    """``results.json`` as the stages' own result files (``<workdir>/*/result_<key>.json``) make it up; a
+    damaged one of those is skipped with a warning naming it (its stage writes it again when rerun)."""
+    results: dict[str, Any] = {}
+    for path in sorted(workdir.glob(f"*/{RESULT_FILE_PREFIX}*.json")):
+        try:
+            results[path.stem[len(RESULT_FILE_PREFIX) :]] = read_json(path)
+        except (OSError, ValueError, UnicodeDecodeError) as error:
+            warnings.warn(
+                f"{path} is damaged ({error}); its entry is left out of the rebuilt results (rerun the "
+                f"stage in {path.parent.name} to write it again)",
+                stacklevel=2,
+            )
+    return results
+
+
 def move_aside(path: Path, why: str) -> Path:
     """Rename a damaged file to ``<name>.damaged-<timestamp>`` (kept for the user) and warn naming both."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -162,11 +196,28 @@ def move_aside(path: Path, why: str) -> Path:
         counter += 1
     os.replace(path, aside)
     warnings.warn(
-        f"{why}; moved it aside to {aside} and started a new {path} (rerun the other evaluation stages to "
-        "put their figures back; their own tables are in their output folders)",
+        f"{why}; moved it aside to {aside} and rebuilt {path} from the stages' own result files "
+        f"({path.parent}/*/{RESULT_FILE_PREFIX}<key>.json)",
         stacklevel=3,
     )
     return aside
+
+
+def recover_results(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The results at ``path``; a damaged file is moved aside (with a warning naming both files) and, like a
+    missing one, rebuilt from the stages' own result files (see :func:`rebuild_results`) and written back
+    when there is anything to write."""
+    results_path = Path(path)
+    with file_lock(results_path.with_name(f".{results_path.name}.lock")):
+        try:
+            if results_path.exists():
+                return read_results(results_path)
+        except DamagedResultsError as error:
+            move_aside(results_path, str(error))
+        results = rebuild_results(results_path.parent)
+        if results:
+            write_json(results_path, results)
+    return results
 
 
 def update_results(path: str | os.PathLike[str], updates: dict[str, Any]) -> dict[str, Any]:
@@ -174,8 +225,9 @@ def update_results(path: str | os.PathLike[str], updates: dict[str, Any]) -> dic
 
     The read-modify-write runs under a lock and ends in an atomic rename, so stages that finish at the same
     time (or a run killed mid-write) never lose or truncate another stage's keys. A damaged file (not JSON,
-    or not a JSON object) never costs the new figures: it is moved aside to ``results.json.damaged-<time>``
-    with a warning naming both files, and the update goes into a fresh file.
+    or not a JSON object) never costs a figure: it is moved aside to ``results.json.damaged-<time>`` with a
+    warning naming both files, and the new file is rebuilt from the stages' own result files (see
+    :func:`rebuild_results`) plus ``updates``.
     """
     results_path = Path(path)
     with file_lock(results_path.with_name(f".{results_path.name}.lock")):
@@ -183,7 +235,7 @@ def update_results(path: str | os.PathLike[str], updates: dict[str, Any]) -> dic
             merged = read_results(results_path)
         except DamagedResultsError as error:
             move_aside(results_path, str(error))
-            merged = {}
+            merged = rebuild_results(results_path.parent)
         merged.update(updates)
         write_json(results_path, merged)
     return merged

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .files import load_torch_file
+
 
 def freeze_batchnorm_statistics(module: nn.Module) -> None:
     """Keep every batch-norm layer in eval mode (frozen running statistics), as the reference trainers do."""
@@ -85,7 +87,9 @@ def load_backbone_state(model: nn.Module, path: Path) -> None:
     """Load a ResNet state dict from a local file (a torchvision ``.pth``, or a checkpoint holding one)."""
     if not path.is_file():
         raise FileNotFoundError(f"--backbone-weights: no such file: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(
+        path, "--backbone-weights: pass a complete torchvision ResNet .pth file", weights_only=True
+    )
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     state = {key.removeprefix("module."): value for key, value in state.items()}

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .distributed import DistributedInfo, barrier, broadcast_object
-from .files import DamagedFileError, file_proof, read_json, sha256_file, write_json
+from .files import DamagedFileError, file_proof, file_stamp, read_json, sha256_file, write_json
 
 MANIFEST = "manifest.json"
 
@@ -106,6 +106,50 @@ def verify_file(path: Path, stage: str) -> None:
         )
 
 
+_SIZES_CACHE: dict[Path, tuple[list[int] | None, dict[str, Any]]] = {}
+
+
+def recorded_sizes(directory: Path) -> tuple[str, dict[str, Any]]:
+    """The stage that wrote the per-image files of ``directory`` and the sizes its manifest recorded for them
+    (``finish_files``); ``{}`` when it recorded none. The manifest is read again only when it changed, so
+    a reader can ask once per file."""
+    path = directory / MANIFEST
+    stamp = file_stamp(path)
+    cached = _SIZES_CACHE.get(path)
+    if cached is None or cached[0] != stamp:
+        manifest = read_manifest(directory) or {}
+        sizes = manifest.get("sizes")
+        cached = (stamp, {"stage": manifest.get("stage"), "sizes": sizes if isinstance(sizes, dict) else {}})
+        _SIZES_CACHE[path] = cached
+    return str(cached[1]["stage"]), cached[1]["sizes"]
+
+
+def size_mismatch(path: Path, sizes: dict[str, Any]) -> str | None:
+    """How ``path`` differs from the size ``sizes`` recorded for it (stat only), or None when it does not
+    (or nothing was recorded for it)."""
+    recorded = sizes.get(path.name)
+    if recorded is None:
+        return None
+    size = path.stat().st_size if path.is_file() else None
+    if size == recorded:
+        return None
+    found = "missing" if size is None else f"{size} bytes"
+    return f"{path} is {found}, its manifest recorded {recorded} bytes"
+
+
+def check_size(path: Path) -> None:
+    """Before a later stage reads a per-image output (a CAM ``.npy``, a label PNG): raise
+    :class:`DamagedFileError` naming the file and the stage to rerun when its size is not the one its
+    output's manifest recorded. Cheap: one ``stat``."""
+    stage, sizes = recorded_sizes(path.parent)
+    problem = size_mismatch(path, sizes)
+    if problem is not None:
+        raise DamagedFileError(
+            f"{path} is damaged: {problem.removeprefix(f'{path} is ')} (in {path.parent / MANIFEST}); rerun "
+            f"stage {stage} to recompute it (only the damaged files are redone), or --force"
+        )
+
+
 class StageOutput:
     """One stage output directory under the protocol (the main rank writes; every rank may read).
 
@@ -153,10 +197,15 @@ class StageOutput:
         )
 
     def damaged_files(self) -> list[str]:
-        """The files the manifest vouches for (``complete(proofs=...)``) whose size is not the recorded one:
-        what a truncated or missing model looks like (the cheap check; ``verify_file`` hashes)."""
+        """The files the manifest vouches for (``complete(proofs=...)``, and the per-image files of
+        ``finish_files``) whose size is not the recorded one: what a truncated or missing model looks like
+        (the cheap check; ``verify_file`` hashes)."""
         manifest = read_manifest(self.directory) or {}
-        damaged = []
+        recorded = manifest.get("sizes")
+        sizes: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+        damaged = [
+            problem for name in sizes if (problem := size_mismatch(self.directory / name, sizes)) is not None
+        ]
         for name, proof in (manifest.get("files") or {}).items():
             path = self.directory / name
             size = path.stat().st_size if path.is_file() else None
@@ -171,7 +220,7 @@ class StageOutput:
             return False
         damaged = self.damaged_files()
         if damaged:
-            self.say(f"[{self.stage}] recomputing {self.directory}: {'; '.join(damaged)}")
+            self.say(f"[{self.stage}] recomputing in {self.directory}: {describe_changes(damaged, 3)}")
             return False
         self.say(f"[{self.stage}] done already: {what or self.directory} (use --force to redo it)")
         return True
@@ -201,8 +250,16 @@ class StageOutput:
             elif not keep_files and self.directory.exists():
                 self._clear()
             self.directory.mkdir(parents=True, exist_ok=True)
+            # Kept per-image files keep their recorded sizes: todo() recomputes the ones that differ.
+            kept = {} if stale or self.force or not keep_files else manifest.get("sizes") or {}
             write_json(
-                self.manifest_path, {"stage": self.stage, "fingerprint": self.fingerprint, "complete": False}
+                self.manifest_path,
+                {
+                    "stage": self.stage,
+                    "fingerprint": self.fingerprint,
+                    "complete": False,
+                    **({"sizes": kept} if kept else {}),
+                },
             )
         barrier()
 
@@ -235,8 +292,17 @@ class StageOutput:
     # ------------------------------------------------------------------------------------ per-image files
 
     def todo(self, items: Sequence[Item], path_of: Callable[[Item], Path], what: str = "files") -> list[Item]:
-        """The items whose file is not there yet, after saying how many are done."""
-        missing = [item for item in items if not path_of(item).exists()]
+        """The items whose file is not there yet, or whose size is not the one the manifest recorded (stat
+        only; said by name), after saying how many are done."""
+        sizes = (read_manifest(self.directory) or {}).get("sizes") or {}
+        missing = []
+        for item in items:
+            path = path_of(item)
+            if not path.exists():
+                missing.append(item)
+            elif (problem := size_mismatch(path, sizes)) is not None:
+                self.say(f"[{self.stage}] recomputing {problem}")
+                missing.append(item)
         self.say(f"[{self.stage}] {len(items) - len(missing)} of {len(items)} {what} done already")
         return missing
 
@@ -245,7 +311,8 @@ class StageOutput:
         return list(items[self.dist.rank :: self.dist.world_size])
 
     def finish_files(self, items: Sequence[Item], path_of: Callable[[Item], Path], **extra: Any) -> None:
-        """Wait for every rank, check that every item's file exists, then mark the output complete."""
+        """Wait for every rank, check that every item's file exists, then mark the output complete with each
+        file's size (name -> bytes: what ``todo`` and readers check, stat only)."""
         barrier()
         missing = broadcast_object(
             [str(path_of(item)) for item in items if not path_of(item).exists()]
@@ -256,5 +323,6 @@ class StageOutput:
             raise RuntimeError(
                 f"{self.stage}: {len(missing)} output files missing after the run, e.g. {missing[0]}"
             )
-        self.complete(items=len(items), **extra)
+        sizes = {path.name: path.stat().st_size for path in map(path_of, items)} if self.dist.is_main else {}
+        self.complete(items=len(items), sizes=sizes, **extra)
         barrier()

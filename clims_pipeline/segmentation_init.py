@@ -161,7 +161,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"train_seg.weights {path}: not a PyTorch state dict file ({error})") from error
+        raise ValueError(
+            f"train_seg.weights {path}: not a PyTorch state dict file, or truncated or corrupt "
+            f"({type(error).__name__}: {error}); point train_seg.weights at a complete .pth file"
+        ) from error
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

@@ -146,17 +146,18 @@ def _report(tmp_path: Path) -> None:
     run_cli(["--voc-root", require_voc_sample(), "--workdir", tmp_path, "--stages", "report"])
 
 
-def test_report_on_a_damaged_results_json_says_so(tmp_path: Path) -> None:
-    from clims_pipeline.files import DamagedResultsError
-
-    (tmp_path / "results.json").write_text('{"cam": {"miou": 5')
-    with pytest.raises(DamagedResultsError, match=r"report: .*results\.json is damaged: not JSON.*Rerun"):
-        _report(tmp_path)
-    (tmp_path / "results.json").write_text("[]")
-    with pytest.raises(
-        DamagedResultsError, match=r"results\.json is damaged: expected a JSON object, got list"
-    ):
-        _report(tmp_path)
+def test_report_on_a_damaged_results_json_moves_it_aside_and_rebuilds_it(tmp_path: Path) -> None:
+    (tmp_path / "eval_seg").mkdir()
+    (tmp_path / "eval_seg" / "result_seg.json").write_text(
+        json.dumps({"miou": 61.5, "split": "val", "images": 3})
+    )
+    for damage in ('{"cam": {"miou": 5', "[]"):
+        (tmp_path / "results.json").write_text(damage)
+        with pytest.warns(UserWarning, match=r"results\.json is damaged.*moved it aside to .*damaged-"):
+            _report(tmp_path)
+        assert json.loads((tmp_path / "results.json").read_text())["seg"]["miou"] == 61.5
+        assert "| DeepLabV2 val | 61.50 |" in (tmp_path / "results.md").read_text()
+    assert len(list(tmp_path.glob("results.json.damaged-*"))) == 2
 
 
 def test_report_names_a_damaged_entry_and_keeps_the_others(tmp_path: Path) -> None:

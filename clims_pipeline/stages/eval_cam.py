@@ -95,7 +95,7 @@ def evaluate_cams(ctx: StageContext, config: EvalCamConfig) -> None:
         "units": "percent",
         "overlays": str(overlay_dir),  # the report says where the pictures are
     }
-    ctx.update_results({key: result})
+    ctx.update_results({key: result}, stage="eval_cam")
     summary = (
         f"{key} ({source}) on {ctx.config.dataset} {split} ({len(image_ids)} images, no CRF): mIoU "
         f"{result['miou']:.2f} at the best background threshold {result['threshold']:.2f}; "

@@ -164,7 +164,7 @@ def evaluate_segmentation(ctx: StageContext, config: EvalSegConfig) -> None:
             "dir": str(submission),
         }
     output.complete(split=split, images=len(image_ids))
-    ctx.update_results({"seg": result})
+    ctx.update_results({"seg": result}, stage="eval_seg")
     summary = (
         f"seg (DeepLabV2, {ctx.config.train_seg.backbone}, init {ctx.config.train_seg.weights}) on "
         f"{ctx.config.dataset} {split} ({len(image_ids)} images), scales {list(config.scales)}"

@@ -131,7 +131,7 @@ def walk_and_evaluate(ctx: StageContext, config: MakeRWConfig) -> None:
         },
         "units": "percent",
     }
-    ctx.update_results({"rw": result})
+    ctx.update_results({"rw": result}, stage="make_rw")
     summary = (
         f"rw on {ctx.config.dataset} {split} ({len(eval_ids)} images): mIoU {result['miou']:.2f} with beta "
         f"{config.beta}, 2^{config.exponent} steps, background power {config.background_power}, "

@@ -239,7 +239,7 @@ def mine(ctx: StageContext) -> None:
                 c for c in registry.class_names if c not in registry.class_backgrounds
             ],
         }
-        ctx.update_results({"mined_backgrounds": summary})
+        ctx.update_results({"mined_backgrounds": summary}, stage=STAGE)
         ctx.logger(STAGE).log("mined", None, **summary)
         for class_name in registry.class_names:
             kept = zip(

@@ -69,5 +69,6 @@ class TrainClip(Stage):
                 augment=corpus.augment,
             )
             ctx.logger(self.name).log("done", path=str(out_path), history=result.history)
-        output.complete()
+        # The CLIP's size and sha256, checked when train_clims / mine_backgrounds load it.
+        output.complete(proofs=[out_path.name])
         barrier()

@@ -389,6 +389,8 @@ def train_clip(
             scheduler.load_state_dict(state["scheduler"])
             start_epoch, step, history = state["epoch"], state["step"], state["history"]
             mask_state = state.get("mask_generator")
+            if progress:
+                print(f"resuming from {resume_path} (epoch {start_epoch}, step {step})", flush=True)
         elif progress:
             print(f"{resume_path} is from other settings; training from the start")
     generator = torch.Generator().manual_seed(seed)

@@ -44,6 +44,7 @@ def test_killed_train_clip_resumes_to_the_uninterrupted_weights(
     assert (workdir / "train_clip" / "model.pt.resume").is_file()  # the first epoch's state
     resumed = run_subprocess(["--workdir", workdir, *TRAIN_CLIP])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "(epoch 1, step 3)" in resumed.stdout
     assert_same_weights(load_state(workdir / "train_clip" / "model.pt"), reference)
 
 

@@ -42,7 +42,9 @@ class TrainClip(Stage):
         out_path = clip_checkpoint_path(ctx)
         if output.reuse(out_path):
             return
-        output.begin(keep_files=False)
+        # An interrupted run with these settings resumes from model.pt.resume; one with other settings is
+        # refused (use --force), like every trainer.
+        output.begin(refuse_stale_partial=True)
         if ctx.dist.is_main:  # a few minutes of a small model: one process trains, the others wait
             register_clip_configs(ctx)
             corpus = caption_corpus(ctx)

@@ -66,6 +66,25 @@ def make_mini_voc(root: Path, train: int = 16, val: int = 4, *, nested: bool = F
     return root if nested else voc
 
 
+#: Settings that make train_cam, train_clims, make_cam and eval_cam take a second on a mini data set.
+TINY_RUN_ARGS = (
+    "--preset=smoke",
+    "--set=train_cam.max_steps=2",
+    "--set=train_clims.train.max_steps=2",
+    "--set=train_cam.batch_size=4",
+    "--set=train_clims.train.batch_size=4",
+    "--set=data.crop_size=32",
+    "--set=make_cam.scales=[1.0]",
+    "--set=eval_cam.overlays=0",
+    "--seed=3",
+)
+
+
+def run_tiny(voc: Path, workdir: Path, stages: str, *extra: str) -> int:
+    """``stages`` on ``voc`` with :data:`TINY_RUN_ARGS`, in this process."""
+    return run_cli(["--voc-root", voc, "--workdir", workdir, "--stages", stages, *TINY_RUN_ARGS, *extra])
+
+
 def run_cli(args: Sequence[str]) -> int:
     """Run the pipeline in this process (a single-process run)."""
     from clims_pipeline.cli import main

@@ -9,23 +9,9 @@ import re
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import make_mini_voc, run_cli
+from pipeline_helpers import make_mini_voc, run_tiny
 
 from clims_pipeline.files import DamagedFileError, sha256_file
-
-FAST = [
-    "--preset=smoke",
-    "--set",
-    "train_cam.max_steps=2",
-    "--set",
-    "train_cam.batch_size=4",
-    "--set",
-    "data.crop_size=32",
-    "--set",
-    "make_cam.scales=[1.0]",
-    "--seed",
-    "3",
-]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +20,7 @@ def voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(voc: Path, workdir: Path, stages: str, *extra: str) -> int:
-    return run_cli(["--voc-root", voc, "--workdir", workdir, "--stages", stages, *FAST, *extra])
+    return run_tiny(voc, workdir, stages, *extra)
 
 
 def test_manifest_records_the_model_and_a_truncated_model_is_retrained(

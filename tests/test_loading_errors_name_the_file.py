@@ -29,16 +29,8 @@ def _truncated_torch_file(path: Path) -> Path:
 
 def test_truncated_clip_resume_point_is_named(tmp_path: Path) -> None:
     world = tmp_path / "world"
-    toyworld.generate_toy_world(
-        world,
-        seed=3,
-        n_train=8,
-        n_val=2,
-        n_background_only=2,
-        n_background_only_val=2,
-        image_size=32,
-        progress=False,
-    )
+    tiny = {"n_train": 8, "n_val": 2, "n_background_only": 2, "n_background_only_val": 2, "image_size": 32}
+    toyworld.generate_toy_world(world, seed=3, progress=False, **tiny)
     out_path = tmp_path / "c.pt"
     resume = _truncated_torch_file(Path(str(out_path) + ".resume"))
     with pytest.raises(

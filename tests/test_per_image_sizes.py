@@ -10,31 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pipeline_helpers import make_mini_voc, run_cli
+from pipeline_helpers import make_mini_voc, run_tiny
 
 from clims_pipeline.cams import load_cam_file
 from clims_pipeline.files import DamagedFileError
 
-FAST = [
-    "--preset=smoke",
-    "--cam-source=train_cam",
-    "--set",
-    "train_cam.max_steps=2",
-    "--set",
-    "train_cam.batch_size=4",
-    "--set",
-    "data.crop_size=32",
-    "--set",
-    "make_cam.scales=[1.0]",
-    "--set",
-    "eval_cam.overlays=0",
-    "--seed",
-    "3",
-]
-
 
 def _run(voc: Path, workdir: Path, stages: str) -> int:
-    return run_cli(["--voc-root", voc, "--workdir", workdir, "--stages", stages, *FAST])
+    return run_tiny(voc, workdir, stages, "--cam-source=train_cam")
 
 
 def test_a_truncated_cam_file_is_recomputed_by_make_cam_and_named_by_eval_cam(

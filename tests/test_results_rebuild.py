@@ -8,33 +8,13 @@ import re
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import make_mini_voc, run_cli
+from pipeline_helpers import make_mini_voc, run_tiny
 
 from clims_pipeline.files import update_results
 
-FAST = [
-    "--preset=smoke",
-    "--set",
-    "train_cam.max_steps=2",
-    "--set",
-    "train_clims.train.max_steps=2",
-    "--set",
-    "train_cam.batch_size=4",
-    "--set",
-    "train_clims.train.batch_size=4",
-    "--set",
-    "data.crop_size=32",
-    "--set",
-    "make_cam.scales=[1.0]",
-    "--set",
-    "eval_cam.overlays=0",
-    "--seed",
-    "3",
-]
-
 
 def _run(voc: Path, workdir: Path, stages: str) -> int:
-    return run_cli(["--voc-root", voc, "--workdir", workdir, "--stages", stages, *FAST])
+    return run_tiny(voc, workdir, stages)
 
 
 def test_report_rebuilds_a_damaged_results_json_from_eval_cam_and_keeps_the_cam_figure(

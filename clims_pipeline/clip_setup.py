@@ -19,6 +19,7 @@ import clims_loss as cl
 
 from .config import SMOKE_CLIP_NAME
 from .context import StageContext
+from .runstate import output_digest, verify_file
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -65,8 +66,6 @@ def resolve_clip_pretrained(ctx: StageContext) -> str | None:
             raise FileNotFoundError(
                 f"train_clims.clip_pretrained=train_clip reads {path}: run stage train_clip"
             )
-        from .runstate import verify_file
-
         verify_file(path, "train_clip")
         return str(path)
     return None if value in ("", "none") else value
@@ -82,8 +81,6 @@ def clip_identity(ctx: StageContext) -> dict[str, Any]:
     value = ctx.config.train_clims.clip_pretrained
     identity: dict[str, Any] = {"clip": ctx.config.train_clims.clip, "clip_pretrained": value}
     if value == FROM_TRAIN_CLIP:
-        from .runstate import output_digest
-
         identity["train_clip"] = output_digest(clip_directory(ctx), "train_clip")
     return identity
 

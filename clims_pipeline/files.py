@@ -1,10 +1,8 @@
 """Atomic file output and the shared ``results.json``.
 
 Every file the pipeline writes goes through :func:`atomic_write`: the content is written to a temporary file
-in
-the same directory and renamed over the target, so a killed run leaves either the old file or the new one,
-never a
-truncated file that a rerun would trust.
+in the same directory and renamed over the target, so a killed run leaves either the old file or the new
+one, never a truncated file that a rerun would trust.
 """
 
 from __future__ import annotations
@@ -198,9 +196,20 @@ def move_aside(path: Path, why: str) -> Path:
     warnings.warn(
         f"{why}; moved it aside to {aside} and rebuilt {path} from the stages' own result files "
         f"({path.parent}/*/{RESULT_FILE_PREFIX}<key>.json)",
-        stacklevel=3,
+        stacklevel=4,  # the caller of update_results / recover_results
     )
     return aside
+
+
+def _read_or_rebuild(results_path: Path, rebuild_missing: bool) -> tuple[dict[str, Any], bool]:
+    """Under the caller's lock: the results at ``results_path`` and False; or, for a damaged file (moved aside
+    with a warning) or a missing one when ``rebuild_missing``, the rebuilt results and True."""
+    try:
+        if results_path.exists() or not rebuild_missing:
+            return read_results(results_path), False
+    except DamagedResultsError as error:
+        move_aside(results_path, str(error))
+    return rebuild_results(results_path.parent), True
 
 
 def recover_results(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -209,13 +218,8 @@ def recover_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     when there is anything to write."""
     results_path = Path(path)
     with file_lock(results_path.with_name(f".{results_path.name}.lock")):
-        try:
-            if results_path.exists():
-                return read_results(results_path)
-        except DamagedResultsError as error:
-            move_aside(results_path, str(error))
-        results = rebuild_results(results_path.parent)
-        if results:
+        results, rebuilt = _read_or_rebuild(results_path, rebuild_missing=True)
+        if rebuilt and results:
             write_json(results_path, results)
     return results
 
@@ -231,11 +235,7 @@ def update_results(path: str | os.PathLike[str], updates: dict[str, Any]) -> dic
     """
     results_path = Path(path)
     with file_lock(results_path.with_name(f".{results_path.name}.lock")):
-        try:
-            merged = read_results(results_path)
-        except DamagedResultsError as error:
-            move_aside(results_path, str(error))
-            merged = rebuild_results(results_path.parent)
+        merged, _ = _read_or_rebuild(results_path, rebuild_missing=False)
         merged.update(updates)
         write_json(results_path, merged)
     return merged

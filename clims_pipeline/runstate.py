@@ -83,6 +83,11 @@ def output_digest(directory: Path, what: str) -> str:
     return digest(manifest["fingerprint"])
 
 
+#: Files :func:`verify_file` hashed and found whole, with the (size, mtime_ns) and recorded hash it saw: a
+#: model or CLIP that several stages of one run load is hashed once.
+_VERIFIED: set[tuple[str, tuple[int, ...], str]] = set()
+
+
 def verify_file(path: Path, stage: str) -> None:
     """Check ``path`` against the size and sha256 its output's manifest recorded (a file the manifest does not
     vouch for, e.g. from an older version, is not checked); raise :class:`DamagedFileError` naming the file
@@ -91,6 +96,9 @@ def verify_file(path: Path, stage: str) -> None:
     proof = (manifest.get("files") or {}).get(path.name)
     if proof is None or not path.is_file():
         return
+    stamp = (str(path), tuple(file_stamp(path) or ()), str(proof.get("sha256")))
+    if stamp in _VERIFIED:
+        return  # hashed already in this process, and unchanged since (size and mtime)
     remedy = f"rerun stage {stage} with --force to rebuild it (or delete {path.parent})"
     size = path.stat().st_size
     if size != proof.get("size"):
@@ -104,6 +112,7 @@ def verify_file(path: Path, stage: str) -> None:
             f"{path} is damaged: its sha256 is {actual}, but {path.parent / MANIFEST} recorded "
             f"{proof.get('sha256')} when {stage} wrote it; {remedy}"
         )
+    _VERIFIED.add(stamp)
 
 
 _SIZES_CACHE: dict[Path, tuple[list[int] | None, dict[str, Any]]] = {}
@@ -153,9 +162,9 @@ def check_size(path: Path) -> None:
 class StageOutput:
     """One stage output directory under the protocol (the main rank writes; every rank may read).
 
-    ``status()`` tells whether the output is current; ``begin()`` clears a stale output and marks the new one
-    as unfinished; ``complete()`` marks it finished. Per-image outputs add ``todo()`` / ``share()`` /
-    ``finish_files()``.
+    ``is_current()`` / ``reuse()`` tell whether the output is current; ``begin()`` clears a stale output and
+    marks the new one as unfinished; ``complete()`` marks it finished. Per-image outputs add ``todo()`` /
+    ``share()`` / ``finish_files()``.
     """
 
     def __init__(
@@ -202,17 +211,11 @@ class StageOutput:
         (the cheap check; ``verify_file`` hashes)."""
         manifest = read_manifest(self.directory) or {}
         recorded = manifest.get("sizes")
-        sizes: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
-        damaged = [
+        sizes: dict[str, Any] = dict(recorded) if isinstance(recorded, dict) else {}
+        sizes.update({name: proof.get("size") for name, proof in (manifest.get("files") or {}).items()})
+        return [
             problem for name in sizes if (problem := size_mismatch(self.directory / name, sizes)) is not None
         ]
-        for name, proof in (manifest.get("files") or {}).items():
-            path = self.directory / name
-            size = path.stat().st_size if path.is_file() else None
-            if size != proof.get("size"):
-                found = "missing" if size is None else f"{size} bytes"
-                damaged.append(f"{path} is {found}, its manifest recorded {proof.get('size')} bytes")
-        return damaged
 
     def reuse(self, what: Path | str | None = None) -> bool:
         """True (after saying so) when the output is current, its files whole, and there is nothing to do."""
@@ -234,9 +237,10 @@ class StageOutput:
         Collective: every rank calls it.
         """
         if self.dist.is_main:
-            changes = self.changes()
-            stale = changes is not None and bool(changes)
-            manifest = read_manifest(self.directory) or {}
+            found = read_manifest(self.directory)
+            changes = None if found is None else changed_fields(found.get("fingerprint"), self.fingerprint)
+            stale = bool(changes)
+            manifest = found or {}
             if stale and refuse_stale_partial and not self.force and not manifest.get("complete"):
                 raise RuntimeError(
                     f"{self.directory} holds an unfinished {self.stage} run with other settings "

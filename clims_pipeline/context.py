@@ -34,10 +34,9 @@ import torch
 
 from .config import PipelineConfig
 from .crf import require_densecrf
-from .data import SegmentationSource, build_source
+from .data import Problem, SegmentationSource, build_source, check_split, raise_problems
 from .distributed import DistributedInfo, all_gather_objects, barrier
 from .files import update_results, write_result_files
-from .preflight import Problem, check_split, raise_problems
 from .runstate import StageOutput, read_manifest
 
 
@@ -204,9 +203,10 @@ class StageContext:
 
     def validate_split(self, split: str, need_masks: bool = False, need_labels: bool = False) -> list[str]:
         """The ids of a split after reading its list, every image and its masks or label sources (see
-        ``clims_pipeline.preflight``); each check runs once per pipeline run, shared over the ranks, and a
-        passed image is not read again while its files are unchanged. Between :meth:`begin_preflight` and
-        :meth:`end_preflight` the problems are collected (and reported together) instead of raised.
+        ``clims_pipeline.data.check_split``); each check runs once per pipeline run, shared over the ranks,
+        and a passed image is not read again while its files are unchanged. Between
+        :meth:`begin_preflight` and :meth:`end_preflight` the problems are collected (and reported
+        together) instead of raised.
         Collective under ``torchrun``: every rank calls it."""
         key = (split, need_masks, need_labels)
         if key not in self._validated:

@@ -39,6 +39,13 @@ def resolve_cam_source(ctx: StageContext) -> str:
     return source
 
 
+def limited(ctx: StageContext, image_ids: list[str]) -> list[str]:
+    """The first ``make_cam.limit`` ids of a split (all of them when it is None): the images make_cam infers
+    and eval_cam evaluates."""
+    limit = ctx.config.make_cam.limit
+    return image_ids if limit is None else image_ids[:limit]
+
+
 def cam_directory(ctx: StageContext, source: str | None = None) -> Path:
     return ctx.workdir / "make_cam" / (source or resolve_cam_source(ctx))
 

@@ -23,14 +23,24 @@ import numpy as np
 import torch
 
 from . import stages  # noqa: F401  (registers the stages)
-from .config import PRESETS, VARIANTS, PipelineConfig, apply_override, build_config, config_from_dict
+from .clip_setup import resolve_backgrounds
+from .config import (
+    IMAGE_SIZES,
+    PRESETS,
+    VARIANTS,
+    PipelineConfig,
+    apply_override,
+    build_config,
+    config_from_dict,
+)
 from .context import STAGES, StageContext, ordered_stages
-from .data import DATA_SOURCES, DataSourceSpec, data_source_spec
-from .distributed import init_distributed, shutdown_distributed
+from .data import DATA_SOURCES, DatasetError, DataSourceSpec, data_source_spec
+from .distributed import DistributedInfo, init_distributed, shutdown_distributed
 from .files import read_json, sha256_file, write_json
 from .networks import BACKBONES
 from .plugins import load_plugins
 from .runstate import changed_fields, describe_changes
+from .simple_layout import LABEL_FILES
 
 DEFAULT_STAGES = ("train_cam", "train_clims", "make_cam", "eval_cam")
 
@@ -73,8 +83,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        help="full: the paper's sizes (default for real data); smoke: tiny networks and crops for a CPU check"
+        help="full: nothing beyond --image-size (default for real data); smoke: tiny networks and crops for "
+        "a CPU check"
         + "".join(f"; {s.default_preset}: {s.name}'s default" for s in DATA_SOURCES.values() if s.fallback),
+    )
+    parser.add_argument(
+        "--image-size",
+        choices=tuple(IMAGE_SIZES),
+        help="network and size settings, with any data set: paper (ResNet-50, 512-pixel crops) or small "
+        "(images of about 64 pixels: 64-pixel crops, the small backbone); default: the preset's (toy: small)",
+    )
+    parser.add_argument(
+        "--classes",
+        help="the data set's class file: a class list (one class a line, optionally 'name: prompt words') "
+        "or a registry JSON; default: the data root's classes.txt / classes.json, else the data set's own "
+        "classes",
+    )
+    parser.add_argument(
+        "--prompts",
+        help="train_clims prompt registry: a clims_loss preset name, a registry JSON file, or 'dataset' (the "
+        "class file's); default: the data set's (VOC: the variant's preset)",
+    )
+    parser.add_argument(
+        "--template",
+        help='object prompt template with one {}, e.g. "a photo of a {}." (default: the registry\'s)',
+    )
+    parser.add_argument(
+        "--write-registry",
+        metavar="FILE",
+        help="write the run's prompt registry (classes, template, backgrounds, loss recipe) as editable JSON "
+        "to FILE and exit; pass it back with --prompts FILE",
     )
     parser.add_argument(
         "--variant",
@@ -88,7 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "train_cam", "train_clims"),
         help="which network make_cam/eval_cam use (auto: train_clims when available)",
     )
-    parser.add_argument("--backbone", choices=BACKBONES, help="CAM network backbone (default by preset)")
+    parser.add_argument(
+        "--cam-limit", type=int, help="make_cam/eval_cam: only the first N images of each split"
+    )
+    parser.add_argument(
+        "--cam-eval-only",
+        action="store_true",
+        help="make_cam: infer the evaluation split only, not the training split (which train_aff needs)",
+    )
+    parser.add_argument("--backbone", choices=BACKBONES, help="CAM network backbone (default by image size)")
     parser.add_argument(
         "--backbone-weights", help="imagenet (torchvision), none (random init) or a local state-dict file"
     )
@@ -156,7 +202,7 @@ def resolve_run_defaults(args: argparse.Namespace, recorded: PipelineConfig | No
         if recorded is not None:
             args.dataset = recorded.dataset
         elif args.data_root:
-            args.dataset = "voc"
+            args.dataset = "simple" if is_simple_layout(Path(args.data_root)) else "voc"
         else:
             fallback = fallback_source()
             if fallback is None:
@@ -170,9 +216,12 @@ def resolve_run_defaults(args: argparse.Namespace, recorded: PipelineConfig | No
     if args.variant is None:
         args.variant = recorded.variant if recorded is not None else "paper"
     if args.workdir is None:
-        if spec.default_workdir is None:
+        if spec.default_workdir is None and getattr(args, "write_registry", None):
+            args.workdir = os.getcwd()  # only --backgrounds mined reads it
+        elif spec.default_workdir is None:
             raise SystemExit(f"clims-pipeline: error: --workdir is required with --dataset {spec.name}")
-        args.workdir = spec.default_workdir
+        else:
+            args.workdir = spec.default_workdir
     if not args.data_root and recorded is not None and recorded.data.root:
         args.data_root = recorded.data.root
     if not args.data_root and spec.default_root is not None:
@@ -180,6 +229,11 @@ def resolve_run_defaults(args: argparse.Namespace, recorded: PipelineConfig | No
     if spec.default_stages is not None and args.stages == ",".join(DEFAULT_STAGES):
         args.stages = ",".join(spec.default_stages)
     return spec
+
+
+def is_simple_layout(root: Path) -> bool:
+    """A folder with images/ and a label file (labels.csv / labels.jsonl): the simple layout."""
+    return (root / "images").is_dir() and any((root / name).is_file() for name in LABEL_FILES)
 
 
 def read_recorded_config(path: str) -> PipelineConfig:
@@ -198,14 +252,15 @@ def read_recorded_config(path: str) -> PipelineConfig:
 def resolve_config(args: argparse.Namespace) -> PipelineConfig:
     recorded = read_recorded_config(args.config) if args.config else None
     resolve_run_defaults(args, recorded)
-    if recorded is not None and (args.preset, args.variant, args.dataset) == (
+    if recorded is not None and (args.preset, args.variant, args.dataset, args.image_size) == (
         recorded.preset,
         recorded.variant,
         recorded.dataset,
+        args.image_size and recorded.image_size,
     ):
         config = recorded
     else:
-        config = build_config(args.preset, args.variant, args.dataset)
+        config = build_config(args.preset, args.variant, args.dataset, args.image_size)
     direct = {
         "seed": args.seed,
         "amp": True if args.amp else None,
@@ -213,7 +268,14 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
         "data.train_split": args.train_split,
         "data.eval_split": args.eval_split,
         "data.num_workers": args.num_workers,
+        "data.classes": os.path.abspath(args.classes) if args.classes else None,
+        "train_clims.prompts": os.path.abspath(args.prompts)
+        if args.prompts and Path(args.prompts).is_file()
+        else args.prompts,
+        "train_clims.template": args.template,
         "make_cam.source": args.cam_source,
+        "make_cam.limit": args.cam_limit,
+        "make_cam.include_train": False if args.cam_eval_only else None,
         "network.backbone": args.backbone,
         "network.weights": args.backbone_weights,
         "train_clims.clip": args.clip,
@@ -298,6 +360,26 @@ def provenance(config: PipelineConfig) -> dict[str, Any]:
     return {"packages": packages, "python": sys.version.split()[0], "commit": commit, "files": files}
 
 
+def write_registry(config: PipelineConfig, workdir: Path, path: Path) -> int:
+    """``--write-registry FILE``: the registry the run's train_clims would use (class set or preset, the
+    recipe flags, ``--backgrounds``) as editable JSON; ``--prompts FILE`` reads it back."""
+    ctx = StageContext(config=config, workdir=workdir, device=torch.device("cpu"), dist=DistributedInfo())
+    try:
+        registry, _ = resolve_backgrounds(ctx)
+    except (ValueError, FileNotFoundError, DatasetError) as error:
+        raise SystemExit(f"clims-pipeline: error: --write-registry: {error}") from None
+    assert registry is not None  # must_exist=True returns a registry or raises
+    path.parent.mkdir(parents=True, exist_ok=True)
+    registry.to_json(path)
+    print(
+        f"[pipeline] wrote the prompt registry of {config.dataset} at {config.data.root} to {path}: "
+        f"{registry.num_classes} classes, object prompts {registry.object_prompts()[:3]}"
+        f"{' ...' if registry.num_classes > 3 else ''}, {len(registry.background_terms())} background terms. "
+        f"Edit it and train with --prompts {path}"
+    )
+    return 0
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -323,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
+    if args.write_registry:
+        return write_registry(config, Path(os.path.abspath(args.workdir)), Path(args.write_registry))
     selected = ordered_stages(selected_stage_names(args.stages))
     spec = data_source_spec(config.dataset)
 

@@ -17,8 +17,9 @@ import torch
 
 import clims_loss as cl
 
-from .config import SMOKE_CLIP_NAME
+from .config import SMOKE_CLIP_NAME, PipelineConfig
 from .context import StageContext
+from .data import DATASET_PROMPTS, RECIPE_PRESETS, SegmentationSource, data_source_spec
 from .runstate import output_digest, verify_file
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -95,9 +96,98 @@ def load_clip(ctx: StageContext) -> tuple[torch.nn.Module, Any]:
 # ------------------------------------------------------------------------------------------- prompts
 
 
+#: The ``train_clims`` fields that change the registry's recipe when set ("" / None keep the registry's).
+RECIPE_FIELDS = (
+    "template",
+    "background_template",
+    "cbs_threshold",
+    "cbs_prompt_reduction",
+    "cbs_reduction",
+    "pair_reduction",
+    "reg_positive_only",
+    "masking",
+)
+
+
+def recipe_overrides(config: PipelineConfig) -> dict[str, Any]:
+    """The recipe fields the run sets (``--template``, ``--set train_clims.cbs_reduction=...``)."""
+    values = {name: getattr(config.train_clims, name) for name in RECIPE_FIELDS}
+    return {name: value for name, value in values.items() if value not in ("", None)}
+
+
+def prompts_source(config: PipelineConfig, source: SegmentationSource) -> str:
+    """Where the registry comes from: ``dataset`` (the data set's class file), a registry JSON file, or a
+    preset name. A data set that declares its classes takes them unless ``train_clims.prompts`` names
+    something other than the data source's default preset for the variant."""
+    prompts = config.train_clims.prompts
+    default = data_source_spec(config.dataset).prompt_presets.get(config.variant)
+    if source.class_set is not None and prompts == default:
+        return DATASET_PROMPTS
+    return prompts
+
+
+def registry_for(config: PipelineConfig, source: SegmentationSource) -> cl.BackgroundPromptRegistry:
+    """The run's prompt registry before backgrounds (:func:`resolve_backgrounds`): the preset, registry file
+    or class set (:func:`prompts_source`), with the recipe fields the run sets; its classes must be the data
+    set's, in number."""
+    prompts = prompts_source(config, source)
+    if prompts == DATASET_PROMPTS:
+        if source.class_set is None:
+            raise ValueError(
+                f"train_clims.prompts={DATASET_PROMPTS}: the {config.dataset} data at {source.root} declares "
+                f"no class file (--classes, or classes.txt in its root)"
+            )
+        recipe = cl.BackgroundPromptRegistry.preset(RECIPE_PRESETS[config.variant])
+        registry = source.class_set.prompt_registry(recipe)
+        origin = f"the class file {source.class_set.path}"
+    elif prompts.endswith(".json") or Path(prompts).expanduser().is_file():
+        try:
+            registry = cl.BackgroundPromptRegistry.from_json(Path(prompts).expanduser())
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
+            raise ValueError(
+                f"train_clims.prompts: {prompts} is not a readable registry JSON: {error}"
+            ) from None
+        origin = f"the registry {prompts}"
+    else:
+        try:
+            registry = cl.BackgroundPromptRegistry.preset(prompts)
+        except KeyError as error:
+            raise ValueError(
+                f"train_clims.prompts: {error.args[0]}; or give a registry JSON file, or "
+                f"'{DATASET_PROMPTS}' (the data set's class file)"
+            ) from None
+        origin = f"the prompt preset {prompts!r}"
+    overrides = recipe_overrides(config)
+    if overrides:
+        try:
+            registry = registry.replace(**overrides)
+        except (ValueError, TypeError) as error:
+            names = ", ".join(f"train_clims.{name}={value!r}" for name, value in overrides.items())
+            raise ValueError(f"{names}: {error}") from None
+    if len(registry.class_names) != source.num_classes:
+        raise ValueError(
+            f"{origin} has {len(registry.class_names)} classes ({', '.join(registry.class_names)}), the "
+            f"{config.dataset} data at {source.root} has {source.num_classes}: give the data set's class "
+            f"file (--classes) or a registry written for it (--write-registry)"
+        )
+    return registry
+
+
 def base_registry(ctx: StageContext) -> cl.BackgroundPromptRegistry:
-    """The variant's prompt registry: the library preset the data source names for it."""
-    return cl.BackgroundPromptRegistry.preset(ctx.config.train_clims.prompts)
+    """The run's prompt registry before backgrounds (:func:`registry_for`)."""
+    return registry_for(ctx.config, ctx.source)
+
+
+def registry_identity(ctx: StageContext) -> dict[str, Any]:
+    """What identifies the registry in a fingerprint beyond ``train_clims.prompts``: the digest of the
+    registry when it comes from a file or class set or the run changes its recipe (empty for a plain
+    preset, so fingerprints of preset runs stay as they were)."""
+    if prompts_source(ctx.config, ctx.source) in cl.BackgroundPromptRegistry.available_presets() and not (
+        recipe_overrides(ctx.config)
+    ):
+        return {}
+    text = json.dumps(base_registry(ctx).to_dict(), sort_keys=True)
+    return {"registry_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
 
 
 def mined_path(ctx: StageContext) -> Path:
@@ -141,7 +231,7 @@ def resolve_backgrounds(
         raise ValueError(f"--backgrounds: {path} is not a valid registry JSON: {error}") from error
     if tuple(loaded.class_names) != tuple(base.class_names):
         raise ValueError(
-            f"--backgrounds: {path} has classes {list(loaded.class_names)}, the variant's prompt preset "
+            f"--backgrounds: {path} has classes {list(loaded.class_names)}, the run's prompt registry "
             f"{base.name!r} has {list(base.class_names)}"
         )
     registry = base.replace(name=loaded.name, **{name: getattr(loaded, name) for name in BACKGROUND_FIELDS})
@@ -157,9 +247,9 @@ def resolve_backgrounds(
 
 def build_evaluator(ctx: StageContext, registry: cl.BackgroundPromptRegistry) -> cl.CLIPTextDrivenEvaluator:
     """The frozen-CLIP evaluator of ``train_clims`` over ``registry`` (from :func:`resolve_backgrounds`)."""
-    if tuple(registry.class_names) and len(registry.class_names) != ctx.source.num_classes:
+    if len(registry.class_names) != ctx.source.num_classes:
         raise ValueError(
-            f"prompt preset {ctx.config.train_clims.prompts!r} has {len(registry.class_names)} classes, the "
+            f"prompt registry {registry.name!r} has {len(registry.class_names)} classes, the "
             f"{ctx.config.dataset} data {ctx.source.num_classes}"
         )
     given = ctx.config.train_clims.loss_weights

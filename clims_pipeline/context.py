@@ -195,7 +195,9 @@ class StageContext:
 
     @cached_property
     def source(self) -> SegmentationSource:
-        return build_source(self.config.dataset, self.config.data.root, self.cache_dir)
+        return build_source(
+            self.config.dataset, self.config.data.root, self.cache_dir, self.config.data.classes
+        )
 
     @property
     def problems_file(self) -> Path:

@@ -13,7 +13,10 @@ foreground classes (index ``k`` is mask value ``k + 1``); masks keep ``0`` for b
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
+import json
 import time
 import xml.etree.ElementTree as ElementTree
 from abc import ABC, abstractmethod
@@ -27,7 +30,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from clims_loss import IMAGENET_MEAN, IMAGENET_STD
+from clims_loss import IMAGENET_MEAN, IMAGENET_STD, BackgroundPromptRegistry
 
 from .files import StampedCache, atomic_write, save_png
 from .plugins import load_plugins
@@ -176,11 +179,109 @@ def raise_problems(
     ) from also
 
 
+# ------------------------------------------------------------------------------------------------------
+# class sets
+#
+# A data set declares its classes in a class file: a registry JSON (``clims_loss.BackgroundPromptRegistry``:
+# its class names, template, backgrounds and loss recipe) or a plain list, one class a line, optionally
+# ``name: prompt words`` ("boat: a boat" labels the images "boat" and writes "a boat" into the prompts).
+# The order is the label order: class ``k`` (0-based) is mask value ``k + 1``.
+
+#: The file names a data root may hold its class file under (the first one present is used).
+CLASS_FILE_NAMES = ("classes.json", "classes.txt")
+
+
+@dataclass(frozen=True)
+class ClassSet:
+    """A data set's classes as its labels write them (``names``), as its prompts write them
+    (``prompt_words``), and the registry they came from when the class file is a registry JSON."""
+
+    names: tuple[str, ...]
+    prompt_words: tuple[str, ...]
+    path: Path
+    registry: BackgroundPromptRegistry | None = None
+
+    def digest(self) -> str:
+        """Identifies the class set (names, words, the registry) in caches and fingerprints."""
+        text = json.dumps(
+            [self.names, self.prompt_words, self.registry.to_dict() if self.registry else None],
+            sort_keys=True,
+        )
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+    def prompt_registry(self, recipe: BackgroundPromptRegistry) -> BackgroundPromptRegistry:
+        """The registry of the class set: the class file's own when it is a registry JSON; for a plain list,
+        ``recipe``'s template and loss settings with the class set's prompt words and no backgrounds (they
+        are the data set's: mine them or write them, docs/own-data.md), so with a CBS weight of 0."""
+        if self.registry is not None:
+            return self.registry
+        return recipe.replace(
+            name=self.path.parent.name or self.path.stem,
+            weights=dataclasses.replace(recipe.weights, cbs=0.0),
+            class_names=self.prompt_words,
+            class_backgrounds={},
+            global_backgrounds=(),
+            class_weights={},
+            background_scores={},
+        )
+
+
+def read_class_file(path: str | Path) -> ClassSet:
+    """A :class:`ClassSet` from a registry JSON (``.json``) or a plain class list; errors name the file and
+    the line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DatasetError(f"missing class file: {path} (a registry JSON or a class list, one class a line)")
+    if path.suffix == ".json":
+        try:
+            registry = BackgroundPromptRegistry.from_json(path)
+        except (ValueError, KeyError, TypeError) as error:
+            raise DatasetError(f"class file {path} is not a valid registry JSON: {error}") from error
+        return ClassSet(registry.class_names, registry.class_names, path, registry)
+    names: list[str] = []
+    words: list[str] = []
+    lines: dict[str, int] = {}
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, colon, prompt = (part.strip() for part in line.partition(":"))
+        where = f"class file {path} line {number}"
+        if not name or (colon and not prompt):
+            raise DatasetError(f"{where}: expected 'name' or 'name: prompt words', got {raw!r}")
+        if ";" in name:
+            raise DatasetError(f"{where}: a class name cannot hold ';' (it separates labels), got {name!r}")
+        if name in lines:
+            raise DatasetError(f"{where}: class {name!r} is listed twice (first on line {lines[name]})")
+        lines[name] = number
+        names.append(name)
+        words.append(prompt or name)
+    if not names:
+        raise DatasetError(f"class file {path} lists no classes")
+    return ClassSet(tuple(names), tuple(words), path)
+
+
+def find_class_file(root: Path) -> Path | None:
+    """The class file a data root holds (:data:`CLASS_FILE_NAMES`), if any."""
+    return next((root / name for name in CLASS_FILE_NAMES if (root / name).is_file()), None)
+
+
 class SegmentationSource(ABC):
     """Where one dataset's files are. Subclasses: :class:`VOCSource`, :class:`COCOSource`."""
 
     name: str
     class_names: tuple[str, ...]
+    #: The class file the classes came from (``declare_classes``), or None for the data set's built-in ones.
+    class_set: ClassSet | None = None
+
+    def declare_classes(self, class_set: ClassSet) -> None:
+        """Use the classes of a class file instead of the data set's built-in ones."""
+        self.class_set = class_set
+        self.class_names = class_set.names
+
+    def has_masks(self, split: str) -> bool:
+        """Whether the split's images have semantic masks (evaluation is skipped without them)."""
+        return True
 
     @property
     def num_classes(self) -> int:
@@ -202,8 +303,9 @@ class SegmentationSource(ABC):
         """0-based foreground classes of one image, from its annotation."""
 
     def fingerprint(self) -> str:
-        """Identifies the data on disk for caches (a changed root invalidates cached labels)."""
-        return f"{self.name}:{self.root}"
+        """Identifies the data on disk for caches (a changed root or class set invalidates cached labels)."""
+        own = f":classes={self.class_set.digest()}" if self.class_set is not None else ""
+        return f"{self.name}:{self.root}{own}"
 
     root: Path
 
@@ -656,7 +758,8 @@ def check_split(
 class DataSourceSpec:
     """A data set the pipeline can run on, as registered with :func:`register_data_source`.
 
-    ``build(root, cache_dir)`` opens it; its source declares the class set (``class_names``);
+    ``build(root, cache_dir)`` opens it; its source declares the class set (``class_names``), or a class
+    file does (``class_file``);
     ``prompt_presets`` names the ``clims_loss.BackgroundPromptRegistry`` preset of each variant ("paper",
     "official"); ``train_split`` / ``eval_split`` are its default lists. A source that can make its own data
     (``prepare``) may run without a root: ``default_root(workdir)`` says where it goes, and the command line
@@ -671,6 +774,9 @@ class DataSourceSpec:
     train_split: str = "train_aug"
     eval_split: str = "train"
     default_preset: str = "full"
+    # Whether the data set may declare its classes with a class file (``data.classes`` or the root's
+    # classes.json / classes.txt): "optional" (VOC layout), "required" (the simple layout) or "none".
+    class_file: str = "none"
     fallback: bool = False
     default_workdir: str | None = None
     default_stages: tuple[str, ...] | None = None
@@ -679,6 +785,12 @@ class DataSourceSpec:
 
 
 DATA_SOURCES: dict[str, DataSourceSpec] = {}
+
+#: ``train_clims.prompts`` value meaning "the registry of the data set's class file".
+DATASET_PROMPTS = "dataset"
+
+#: The loss recipe (template, weights, reductions) a plain class list takes from each variant's registry.
+RECIPE_PRESETS = {"paper": "voc", "official": "voc-official"}
 
 
 def register_data_source(spec: DataSourceSpec) -> DataSourceSpec:
@@ -696,21 +808,42 @@ def data_source_spec(name: str) -> DataSourceSpec:
     return DATA_SOURCES[name]
 
 
-def build_source(dataset: str, root: str, cache_dir: Path) -> SegmentationSource:
+def build_source(dataset: str, root: str, cache_dir: Path, classes: str = "") -> SegmentationSource:
+    """Open a data set; ``classes`` is ``data.classes`` (a class file, "" for the root's own or none)."""
     spec = data_source_spec(dataset)
     if not root:
         raise DatasetError(f"--dataset {dataset} needs --data-root ({spec.root_help})")
-    return spec.build(Path(root), cache_dir)
+    source = spec.build(Path(root), cache_dir)
+    if spec.class_file == "none":
+        if classes:
+            raise DatasetError(
+                f"--classes {classes}: --dataset {dataset} has its own classes; a class file goes with a "
+                f"data set in the VOC or the simple layout (--dataset voc or simple)"
+            )
+        return source
+    class_file = Path(classes).expanduser() if classes else find_class_file(source.root)
+    if class_file is None:
+        if spec.class_file == "required":
+            raise DatasetError(
+                f"--dataset {dataset} needs its classes: put a class list ({CLASS_FILE_NAMES[1]}, one class "
+                f"a line, optionally 'name: prompt words') or a registry ({CLASS_FILE_NAMES[0]}) in "
+                f"{source.root}, or pass --classes FILE"
+            )
+        return source
+    source.declare_classes(read_class_file(class_file))
+    return source
 
 
 register_data_source(
     DataSourceSpec(
         name="voc",
         build=lambda root, cache_dir: VOCSource(root),
-        root_help="a VOCdevkit/VOC2012 directory; --voc-root is the same",
+        root_help="a VOCdevkit/VOC2012 directory (or any VOC-layout root); --voc-root is the same",
         prompt_presets={"paper": "voc", "official": "voc-official"},
+        class_file="optional",
     )
 )
+
 register_data_source(
     DataSourceSpec(
         name="coco",

@@ -14,6 +14,7 @@ them, and frozen statistics make a DDP step equal a single-process one), and the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,17 +189,20 @@ class SmallImageBackbone(Backbone):
         return features
 
 
-BACKBONES = ("resnet50", "tiny", "small")
+#: The CAM backbones by name: what ``network.backbone`` and ``--backbone`` accept (the command line takes its
+#: choices from here). Each builder gets ``network.weights``.
+BACKBONE_BUILDERS: dict[str, Callable[[str], Backbone]] = {
+    "resnet50": ResNet50Backbone,
+    "tiny": TinyBackbone,
+    "small": SmallImageBackbone,
+}
+BACKBONES = tuple(BACKBONE_BUILDERS)
 
 
 def build_backbone(name: str, weights: str) -> Backbone:
-    if name == "resnet50":
-        return ResNet50Backbone(weights)
-    if name == "tiny":
-        return TinyBackbone(weights)
-    if name == "small":
-        return SmallImageBackbone(weights)
-    raise ValueError(f"expected backbone one of {BACKBONES}, got {name!r}")
+    if name not in BACKBONE_BUILDERS:
+        raise ValueError(f"expected backbone one of {BACKBONES}, got {name!r}")
+    return BACKBONE_BUILDERS[name](weights)
 
 
 class CAMNet(nn.Module):

@@ -117,12 +117,16 @@ def test_presets_data_sets_and_their_errors() -> None:
     assert build_config("full", "paper", "coco").data.train_split == "train"
     assert build_config("full", "paper", "coco").train_clims.prompts == "coco"
     with pytest.raises(
-        ValueError, match=r"expected --dataset to be one of \['coco', 'toy', 'voc'\], got 'pascal'"
+        ValueError, match=r"expected --dataset to be one of \['coco', 'simple', 'toy', 'voc'\], got 'pascal'"
     ):
         build_config("full", "paper", "pascal")
     with pytest.raises(ValueError, match="expected --preset to be one of"):
         build_config("huge", "paper", "voc")
-    with pytest.raises(ValueError, match="the toy preset and the toy dataset go together"):
+    with pytest.raises(
+        ValueError,
+        match=r"--preset toy is the toy world's .* got --dataset voc; for 64-pixel images of another data "
+        r"set use --preset full --image-size small",
+    ):
         build_config("toy", "paper", "voc")
     with pytest.raises(ValueError, match="preset 'smoke' is registered twice"):
         register_preset("smoke", lambda config: None)

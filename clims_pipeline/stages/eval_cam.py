@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cams import cam_directory, foreground_prediction, load_cam_file, resolve_cam_source
+from ..cams import cam_directory, foreground_prediction, limited, load_cam_file, resolve_cam_source
 from ..config import EvalCamConfig
 from ..context import Stage, StageContext, register_stage
 from ..data import VOID_LABEL, DatasetError
@@ -40,17 +40,31 @@ class EvalCam(Stage):
     reads = ("make_cam",)
 
     def check(self, ctx: StageContext) -> None:
-        ctx.validate_split(ctx.config.data.eval_split, need_masks=True)
+        if has_masks(ctx):
+            ctx.validate_split(ctx.config.data.eval_split, need_masks=True)
 
     def run(self, ctx: StageContext) -> None:
+        if not has_masks(ctx):
+            split = ctx.config.data.eval_split
+            ctx.print(
+                f"[eval_cam] skipped: the {ctx.config.dataset} data at {ctx.source.root} has no masks for "
+                f"split {split!r} (add masks/<id>.png to measure CAM mIoU); the CAMs are in "
+                f"{cam_directory(ctx)}"
+            )
+            ctx.logger(self.name).log("skipped", reason="no masks", split=split)
+            return
         evaluate_cams(ctx, ctx.config.eval_cam)
+
+
+def has_masks(ctx: StageContext) -> bool:
+    return ctx.source.has_masks(ctx.config.data.eval_split)
 
 
 def evaluate_cams(ctx: StageContext, config: EvalCamConfig) -> None:
     source = resolve_cam_source(ctx)
     cam_dir = cam_directory(ctx, source)
     split = ctx.config.data.eval_split
-    image_ids = ctx.validate_split(split, need_masks=True)
+    image_ids = limited(ctx, ctx.validate_split(split, need_masks=True))
     thresholds = np.round(
         np.arange(
             config.threshold_min, config.threshold_max + config.threshold_step / 2, config.threshold_step

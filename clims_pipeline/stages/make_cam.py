@@ -15,7 +15,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..cams import cam_directory, multiscale_cams, normalise_by_max, resolve_cam_source, same_size_batches
+from ..cams import (
+    cam_directory,
+    limited,
+    multiscale_cams,
+    normalise_by_max,
+    resolve_cam_source,
+    same_size_batches,
+)
 from ..context import Stage, StageContext, register_stage
 from ..data import FullImageDataset
 from ..files import save_npy
@@ -24,16 +31,17 @@ from ..training import final_model_path, load_final_model, model_digest
 
 
 def cam_splits(ctx: StageContext) -> list[str]:
-    """The training split (refinement needs it), the evaluation split and the extra splits."""
-    return list(
-        dict.fromkeys([ctx.config.data.train_split, ctx.config.data.eval_split, *ctx.config.make_cam.splits])
-    )
+    """The training split (refinement needs it; ``make_cam.include_train``), the evaluation split and the
+    extra splits."""
+    config = ctx.config.make_cam
+    train = [ctx.config.data.train_split] if config.include_train else []
+    return list(dict.fromkeys([*train, ctx.config.data.eval_split, *config.splits]))
 
 
 def cam_image_ids(ctx: StageContext) -> list[str]:
     ids: dict[str, None] = {}
     for split in cam_splits(ctx):
-        ids.update(dict.fromkeys(ctx.validate_split(split, need_labels=True)))
+        ids.update(dict.fromkeys(limited(ctx, ctx.validate_split(split, need_labels=True))))
     return list(ids)
 
 
@@ -62,6 +70,16 @@ class MakeCam(Stage):
         return cam_directory(ctx)
 
     def check(self, ctx: StageContext) -> None:
+        limit = ctx.config.make_cam.limit
+        if limit is not None and limit < 1:
+            raise ValueError(f"make_cam.limit: expected a positive number of images or null, got {limit}")
+        readers = [name for name in ("train_aff", "make_rw") if name in ctx.requested_stages]
+        if readers and (not ctx.config.make_cam.include_train or limit is not None):
+            raise ValueError(
+                f"{', '.join(readers)} read(s) the CAMs of the whole training split, but "
+                f"make_cam.include_train={ctx.config.make_cam.include_train} and make_cam.limit={limit} "
+                "leave some out; run them with the defaults"
+            )
         cam_image_ids(ctx)
 
     def run(self, ctx: StageContext) -> None:

@@ -30,7 +30,13 @@ from tqdm import tqdm
 import clims_loss as cl
 from clims_loss.clip_loading import clip_input_size, clip_normalization
 
-from ..clip_setup import base_registry, clip_inputs, load_clip, resolve_clip_pretrained
+from ..clip_setup import (
+    base_registry,
+    clip_inputs,
+    load_clip,
+    registry_identity,
+    resolve_clip_pretrained,
+)
 from ..context import Stage, StageContext, register_stage
 from ..data import SegmentationSource, multi_hot
 from ..distributed import barrier
@@ -104,6 +110,7 @@ def _settings(ctx: StageContext, terms: list[str]) -> dict[str, Any]:
         "clip": clims.clip,
         "clip_pretrained": resolve_clip_pretrained(ctx),
         "prompts": clims.prompts,
+        **registry_identity(ctx),
         "dataset": ctx.config.dataset,
         "train_split": ctx.config.data.train_split,
         "seed": ctx.seed,
@@ -183,6 +190,7 @@ class MineBackgrounds(Stage):
     def check(self, ctx: StageContext) -> None:
         check_training_data(ctx)
         vocabulary(ctx)
+        base_registry(ctx)  # a registry that does not fit the data set stops the run before any work
 
     def run(self, ctx: StageContext) -> None:
         mine(ctx)

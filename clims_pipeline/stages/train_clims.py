@@ -16,7 +16,13 @@ from torch import nn
 
 import clims_loss as cl
 
-from ..clip_setup import build_evaluator, clip_identity, clip_inputs, resolve_backgrounds
+from ..clip_setup import (
+    build_evaluator,
+    clip_identity,
+    clip_inputs,
+    registry_identity,
+    resolve_backgrounds,
+)
 from ..config import TrainConfig
 from ..context import StageContext, register_stage
 from ..distributed import all_reduce_sum
@@ -49,7 +55,15 @@ class TrainClims(TrainerStage):
         check_training_data(ctx)
         # A missing or invalid --backgrounds file stops the run before any training (a mined file may still
         # be written by stage mine_backgrounds in this run).
-        resolve_backgrounds(ctx, must_exist="mine_backgrounds" not in ctx.requested_stages)
+        prompts, _ = resolve_backgrounds(ctx, must_exist="mine_backgrounds" not in ctx.requested_stages)
+        given = ctx.config.train_clims.loss_weights
+        weights = cl.LossWeights(**given) if given else prompts.weights if prompts is not None else None
+        if prompts is not None and weights is not None and weights.cbs != 0 and not prompts.uses_cbs:
+            raise ValueError(
+                f"train_clims: the prompt registry {prompts.name!r} has no background terms but the CBS "
+                f"weight is {weights.cbs}: add backgrounds (--backgrounds FILE or mined, or edit the file "
+                "of --write-registry) or set the weight to 0 (--set train_clims.loss_weights=...)"
+            )
 
     def train_config(self, ctx: StageContext) -> TrainConfig:
         return ctx.config.train_clims.train
@@ -64,6 +78,7 @@ class TrainClims(TrainerStage):
             "network": asdict(ctx.config.network),
             "data": data_fingerprint(ctx),
             "prompts": ctx.config.train_clims.prompts,
+            **registry_identity(ctx),
             "backgrounds": backgrounds,
             "loss_weights": weights.as_dict(),
             "clip": clip_identity(ctx),
@@ -80,8 +95,18 @@ class TrainClims(TrainerStage):
         prompts, backgrounds = resolve_backgrounds(ctx)
         assert prompts is not None
         evaluator = build_evaluator(ctx, prompts)
+        ctx.print(
+            "[train_clims] prompts: "
+            + "; ".join(
+                f"{name} -> {prompt!r}"
+                for name, prompt in zip(
+                    ctx.source.class_names, evaluator.prompts.object_prompts(), strict=True
+                )
+            )
+        )
         ctx.logger(self.name).log(
             "evaluator",
+            object_prompts=evaluator.prompts.object_prompts(),
             prompts=ctx.config.train_clims.prompts,
             backgrounds=backgrounds,
             background_terms={

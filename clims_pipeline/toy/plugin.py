@@ -54,6 +54,7 @@ def _register() -> None:
         apply_toy_preset,
         caveat="The `toy` preset runs small networks on the procedural toy world (docs/toyworld.md): its "
         "numbers are not comparable with the paper's VOC figures beside them.",
+        image_size="small",
     )
     register_data_source(
         DataSourceSpec(

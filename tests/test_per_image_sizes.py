@@ -169,3 +169,20 @@ def test_a_truncated_cam_file_is_recomputed_by_make_cam_and_named_by_eval_cam(
     capsys.readouterr()
     assert _run(voc, workdir, "make_cam,eval_cam") == 0
     assert f"{len(cams) - 1} of {len(cams)} images done already" in capsys.readouterr().out
+
+
+def test_the_check_cost_benchmark_runs_on_a_finished_workdir(
+    finished: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_output_checks.py"
+    spec = importlib.util.spec_from_file_location("bench_output_checks", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    voc, workdir = finished
+    rows = bench.main(["--voc-root", str(voc), "--workdir", str(workdir), "--repeats", "1"])
+    assert [row["kind"] for row in rows] == ["CAM .npy", "label .png"]
+    assert all(row["files"] > 0 and row["hash_ms"] > 0 and row["read_ms"] > 0 for row in rows)
+    assert "hash/read" in capsys.readouterr().out

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .context import StageContext
 from .networks import CAMNet
-from .runstate import check_size, output_digest
+from .runstate import output_digest, verify_file
 from .training import autocast_context, final_model_path
 
 #: The networks whose CAMs ``make_cam`` can infer.
@@ -56,11 +56,11 @@ def cam_digest(ctx: StageContext) -> str:
 
 
 def load_cam_file(path: Path) -> dict[str, np.ndarray]:
-    """A CAM file, after checking its size against the one make_cam's manifest recorded (stat only; a
+    """A CAM file, after checking its size and sha256 against those make_cam's manifest recorded (a
     mismatch raises :class:`~clims_pipeline.files.DamagedFileError` naming the file and the stage)."""
     if not path.is_file():
         raise FileNotFoundError(f"missing CAM file {path}: run make_cam (with the same --eval-split) first")
-    check_size(path)
+    verify_file(path)
     loaded: dict[str, np.ndarray] = np.load(path, allow_pickle=True).item()
     return loaded
 

@@ -648,12 +648,48 @@ class COCOSource(SegmentationSource):
         return [self.annotation_path(self._split_of(image_id))]
 
     def check_item(self, image_id: str, need_masks: bool, need_labels: bool) -> list[tuple[str, str]]:
+        """The image decoded; with masks or labels, its annotations: categories the file lists, the image
+        size it records equal to the image's, and (masks) the mask drawn, as training will draw it."""
         problems = super().check_item(image_id, need_masks, need_labels)
-        if need_masks or need_labels:
+        if not (need_masks or need_labels):
+            return problems
+        try:
+            info, annotations = self._annotations(image_id)
+        except (DatasetError, KeyError, ValueError) as error:
+            return [*problems, ("unreadable annotation", f"no annotation for {image_id!r} ({error})")]
+        annotation_file = self.annotation_path(self._split_of(image_id))
+        unknown = sorted({a.get("category_id") for a in annotations} - set(self._category_ids), key=str)
+        if unknown:
+            problems.append(
+                (
+                    "unknown category",
+                    f"annotation of image {image_id} in {annotation_file} has category id "
+                    f"{', '.join(map(str, unknown))}, not one of the {self.num_classes} categories it lists",
+                )
+            )
+        image_path = self.image_path(image_id)
+        if not problems:  # the image decoded (super), so its header is readable
+            with open_image_checked(image_path, "image") as image:
+                width, height = image.size
+            if (info.get("width"), info.get("height")) != (width, height):
+                problems.append(
+                    (
+                        "annotation size differs from image",
+                        f"image {image_path} is {width}x{height} but {annotation_file} gives it "
+                        f"{info.get('width')}x{info.get('height')}",
+                    )
+                )
+        if need_masks and not problems:
             try:
-                self._annotations(image_id)
-            except (DatasetError, KeyError, ValueError) as error:
-                problems.append(("unreadable annotation", f"no annotation for {image_id!r} ({error})"))
+                self.mask_path(image_id)  # drawn once and cached: training reads the drawn mask
+            except Exception as error:  # pycocotools raises TypeError, ValueError, IndexError, ...
+                problems.append(
+                    (
+                        "unreadable annotation",
+                        f"cannot draw the mask of {image_id} from {annotation_file} "
+                        f"({type(error).__name__}: {error})",
+                    )
+                )
         return problems
 
     def check_label_source(self, image_id: str) -> None:

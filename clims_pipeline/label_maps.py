@@ -16,7 +16,7 @@ from .context import StageContext
 from .data import VOID_LABEL, DatasetError, normalize_image, random_crop_with_padding
 from .distributed import all_reduce_sum
 from .metrics import confusion_matrix
-from .runstate import check_size
+from .runstate import verify_file
 from .visualize import label_palette
 
 
@@ -28,9 +28,9 @@ def palette_image(labels: np.ndarray) -> Image.Image:
 
 
 def read_label_png(path: Path) -> np.ndarray:
-    """A label PNG, after checking its size against the one its stage's manifest recorded (stat only; a
+    """A label PNG, after checking its size and sha256 against those its stage's manifest recorded (a
     mismatch raises :class:`~clims_pipeline.files.DamagedFileError` naming the file and the stage)."""
-    check_size(path)
+    verify_file(path)
     with Image.open(path) as image:
         return np.array(image, dtype=np.uint8)
 

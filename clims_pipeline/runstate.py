@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .distributed import DistributedInfo, barrier, broadcast_object
+from .distributed import DistributedInfo, all_gather_objects, barrier, broadcast_object
 from .files import DamagedFileError, file_proof, file_stamp, read_json, sha256_file, write_json
 
 MANIFEST = "manifest.json"
@@ -84,59 +84,103 @@ def output_digest(directory: Path, what: str) -> str:
 
 
 #: Files :func:`verify_file` hashed and found whole, with the (size, mtime_ns) and recorded hash it saw: a
-#: model or CLIP that several stages of one run load is hashed once.
+#: model or CLIP that several stages of one run load, or a CAM file read twice, is hashed once.
 _VERIFIED: set[tuple[str, tuple[int, ...], str]] = set()
 
+#: How many directories above a file its output's manifest may be: per-image files sit beside it, or one
+#: level down (eval_seg's ``predictions/<split>/``).
+MANIFEST_LEVELS = 2
 
-def verify_file(path: Path, stage: str) -> None:
-    """Check ``path`` against the size and sha256 its output's manifest recorded (a file the manifest does not
-    vouch for, e.g. from an older version, is not checked); raise :class:`DamagedFileError` naming the file
-    and saying to rerun ``stage`` with ``--force``."""
-    manifest = read_manifest(path.parent) or {}
-    proof = (manifest.get("files") or {}).get(path.name)
-    if proof is None or not path.is_file():
+_RECORDS_CACHE: dict[Path, tuple[list[int] | None, dict[str, Any] | None]] = {}
+
+
+def recorded_proofs(directory: Path) -> dict[str, Any] | None:
+    """What the manifest of ``directory`` vouches for: ``stage``, ``files`` (name -> size and sha256 of the
+    models and checkpoints of ``complete(proofs=...)``), ``sizes`` and ``sha256`` (per-image files of
+    ``finish_files``, keyed by their path under ``directory``); None without a manifest. The manifest is read
+    again only when it changed, so a reader can ask once per file."""
+    path = directory / MANIFEST
+    stamp = file_stamp(path)
+    cached = _RECORDS_CACHE.get(path)
+    if cached is None or cached[0] != stamp:
+        manifest = read_manifest(directory)
+        records: dict[str, Any] | None = None
+        if manifest is not None:
+            records = {"stage": str(manifest.get("stage"))}
+            for field in ("files", "sizes", "sha256"):
+                value = manifest.get(field)
+                records[field] = value if isinstance(value, dict) else {}
+        cached = (stamp, records)
+        _RECORDS_CACHE[path] = cached
+    return cached[1]
+
+
+def recorded_proof(path: Path) -> tuple[str, dict[str, Any], Path, bool] | None:
+    """The stage, recorded ``{"size", "sha256"}`` and manifest of the output ``path`` belongs to (the nearest
+    manifest within :data:`MANIFEST_LEVELS`), and whether it is a per-image file; None when that manifest
+    does not vouch for it (a file from an older version, or no manifest)."""
+    for directory in list(path.parents)[:MANIFEST_LEVELS]:
+        records = recorded_proofs(directory)
+        if records is None:
+            continue
+        key = path.relative_to(directory).as_posix()
+        manifest = directory / MANIFEST
+        if key in records["files"]:
+            return records["stage"], records["files"][key], manifest, False
+        if key in records["sizes"]:
+            proof = {"size": records["sizes"][key], "sha256": records["sha256"].get(key)}
+            return records["stage"], proof, manifest, True
+        return None
+    return None
+
+
+def verify_file(path: Path, stage: str | None = None) -> None:
+    """The one check of every file a later stage trusts (a model, a checkpoint, a CAM ``.npy``, a label PNG):
+    its size and sha256 against those its output's manifest recorded; a file the manifest does not vouch
+    for (e.g. from an older version) is not checked. A mismatch raises :class:`DamagedFileError` naming the
+    file, its manifest and what to do: rerun the stage (``stage``, else the one the manifest names) with
+    ``--force``, or, for a per-image file, delete it and rerun the stage, which recomputes only that file.
+    Each file is hashed once per process while its size and mtime hold."""
+    found = recorded_proof(path)
+    if found is None:
         return
+    writer, proof, manifest, per_image = found
+    stage = stage or writer
+    status = path.stat() if path.is_file() else None
     stamp = (str(path), tuple(file_stamp(path) or ()), str(proof.get("sha256")))
-    if stamp in _VERIFIED:
+    if status is not None and stamp in _VERIFIED:
         return  # hashed already in this process, and unchanged since (size and mtime)
     remedy = f"rerun stage {stage} with --force to rebuild it (or delete {path.parent})"
-    size = path.stat().st_size
-    if size != proof.get("size"):
+    if status is None or status.st_size != proof.get("size"):
+        if per_image:  # the rerun's todo() sees the size and recomputes this file alone
+            remedy = f"rerun stage {stage} to recompute it alone, or rerun {stage} with --force"
+        found_size = "missing" if status is None else f"{status.st_size} bytes"
         raise DamagedFileError(
-            f"{path} is damaged: {size} bytes, but {path.parent / MANIFEST} recorded {proof.get('size')} "
-            f"bytes when {stage} wrote it; {remedy}"
+            f"{path} is damaged: {found_size}, but {manifest} recorded {proof.get('size')} bytes when "
+            f"{stage} wrote it; {remedy}"
         )
+    if proof.get("sha256") is None:
+        return  # sizes only (written before hashes were recorded)
     actual = sha256_file(path)
     if actual != proof.get("sha256"):
+        if per_image:  # todo() goes by size (cheap), so a file of the recorded size must go first
+            remedy = f"delete it and rerun stage {stage} to recompute it alone, or rerun {stage} with --force"
         raise DamagedFileError(
-            f"{path} is damaged: its sha256 is {actual}, but {path.parent / MANIFEST} recorded "
-            f"{proof.get('sha256')} when {stage} wrote it; {remedy}"
+            f"{path} is damaged: its sha256 is {actual}, but {manifest} recorded {proof.get('sha256')} when "
+            f"{stage} wrote it; {remedy}"
         )
     _VERIFIED.add(stamp)
 
 
-_SIZES_CACHE: dict[Path, tuple[list[int] | None, dict[str, Any]]] = {}
+def check_size(path: Path) -> None:
+    """The former name of :func:`verify_file` for per-image files (it now checks the hash too)."""
+    verify_file(path)
 
 
-def recorded_sizes(directory: Path) -> tuple[str, dict[str, Any]]:
-    """The stage that wrote the per-image files of ``directory`` and the sizes its manifest recorded for them
-    (``finish_files``); ``{}`` when it recorded none. The manifest is read again only when it changed, so
-    a reader can ask once per file."""
-    path = directory / MANIFEST
-    stamp = file_stamp(path)
-    cached = _SIZES_CACHE.get(path)
-    if cached is None or cached[0] != stamp:
-        manifest = read_manifest(directory) or {}
-        sizes = manifest.get("sizes")
-        cached = (stamp, {"stage": manifest.get("stage"), "sizes": sizes if isinstance(sizes, dict) else {}})
-        _SIZES_CACHE[path] = cached
-    return str(cached[1]["stage"]), cached[1]["sizes"]
-
-
-def size_mismatch(path: Path, sizes: dict[str, Any]) -> str | None:
-    """How ``path`` differs from the size ``sizes`` recorded for it (stat only), or None when it does not
-    (or nothing was recorded for it)."""
-    recorded = sizes.get(path.name)
+def size_mismatch(path: Path, sizes: dict[str, Any], key: str | None = None) -> str | None:
+    """How ``path`` differs from the size ``sizes`` recorded for it under ``key`` (its name by default;
+    stat only), or None when it does not (or nothing was recorded for it)."""
+    recorded = sizes.get(key or path.name)
     if recorded is None:
         return None
     size = path.stat().st_size if path.is_file() else None
@@ -146,17 +190,9 @@ def size_mismatch(path: Path, sizes: dict[str, Any]) -> str | None:
     return f"{path} is {found}, its manifest recorded {recorded} bytes"
 
 
-def check_size(path: Path) -> None:
-    """Before a later stage reads a per-image output (a CAM ``.npy``, a label PNG): raise
-    :class:`DamagedFileError` naming the file and the stage to rerun when its size is not the one its
-    output's manifest recorded. Cheap: one ``stat``."""
-    stage, sizes = recorded_sizes(path.parent)
-    problem = size_mismatch(path, sizes)
-    if problem is not None:
-        raise DamagedFileError(
-            f"{path} is damaged: {problem.removeprefix(f'{path} is ')} (in {path.parent / MANIFEST}); rerun "
-            f"stage {stage} to recompute it (only the damaged files are redone), or --force"
-        )
+def as_paths(value: Path | Sequence[Path]) -> tuple[Path, ...]:
+    """What ``path_of`` returns (one file per item, or several: eval_seg's plain and CRF predictions)."""
+    return (value,) if isinstance(value, Path) else tuple(value)
 
 
 class StageOutput:
@@ -182,6 +218,9 @@ class StageOutput:
         self.dist = dist
         self.say = say
         self.force = force
+        #: Keys of the per-image files ``todo`` sent to be recomputed (None: todo was not asked), so that
+        #: ``finish_files`` hashes those and keeps the recorded hash of the others.
+        self._redone: set[str] | None = None
 
     @property
     def manifest_path(self) -> Path:
@@ -214,7 +253,9 @@ class StageOutput:
         sizes: dict[str, Any] = dict(recorded) if isinstance(recorded, dict) else {}
         sizes.update({name: proof.get("size") for name, proof in (manifest.get("files") or {}).items()})
         return [
-            problem for name in sizes if (problem := size_mismatch(self.directory / name, sizes)) is not None
+            problem
+            for name in sizes
+            if (problem := size_mismatch(self.directory / name, sizes, name)) is not None
         ]
 
     def reuse(self, what: Path | str | None = None) -> bool:
@@ -254,15 +295,17 @@ class StageOutput:
             elif not keep_files and self.directory.exists():
                 self._clear()
             self.directory.mkdir(parents=True, exist_ok=True)
-            # Kept per-image files keep their recorded sizes: todo() recomputes the ones that differ.
-            kept = {} if stale or self.force or not keep_files else manifest.get("sizes") or {}
+            # Kept per-image files keep their recorded sizes and hashes: todo() recomputes the ones whose
+            # size differs, finish_files() hashes those again.
+            keep = not (stale or self.force or not keep_files)
+            kept = {field: manifest.get(field) or {} for field in ("sizes", "sha256")} if keep else {}
             write_json(
                 self.manifest_path,
                 {
                     "stage": self.stage,
                     "fingerprint": self.fingerprint,
                     "complete": False,
-                    **({"sizes": kept} if kept else {}),
+                    **{field: value for field, value in kept.items() if value},
                 },
             )
         barrier()
@@ -295,38 +338,68 @@ class StageOutput:
 
     # ------------------------------------------------------------------------------------ per-image files
 
-    def todo(self, items: Sequence[Item], path_of: Callable[[Item], Path], what: str = "files") -> list[Item]:
-        """The items whose file is not there yet, or whose size is not the one the manifest recorded (stat
-        only; said by name), after saying how many are done."""
-        sizes = (read_manifest(self.directory) or {}).get("sizes") or {}
-        missing = []
-        for item in items:
-            path = path_of(item)
-            if not path.exists():
-                missing.append(item)
-            elif (problem := size_mismatch(path, sizes)) is not None:
-                self.say(f"[{self.stage}] recomputing {problem}")
-                missing.append(item)
-        self.say(f"[{self.stage}] {len(items) - len(missing)} of {len(items)} {what} done already")
-        return missing
+    def key(self, path: Path) -> str:
+        """How the manifest names a per-image file: its path under the output directory."""
+        return path.relative_to(self.directory).as_posix()
+
+    def todo(
+        self, items: Sequence[Item], path_of: Callable[[Item], Path | Sequence[Path]], what: str = "files"
+    ) -> list[Item]:
+        """The items with a file not there yet, or not of the size the manifest recorded (stat only; said by
+        name), after saying how many are done. The main rank decides and tells the others, so every rank
+        shares out the same list even while another has begun writing. Collective."""
+        missing: list[int] | None = None
+        if self.dist.is_main:
+            sizes = (read_manifest(self.directory) or {}).get("sizes") or {}
+            missing = []
+            for index, item in enumerate(items):
+                for path in as_paths(path_of(item)):
+                    if not path.exists():
+                        missing.append(index)
+                        break
+                    if (problem := size_mismatch(path, sizes, self.key(path))) is not None:
+                        self.say(f"[{self.stage}] recomputing {problem}")
+                        missing.append(index)
+                        break
+            self.say(f"[{self.stage}] {len(items) - len(missing)} of {len(items)} {what} done already")
+            redone = {self.key(path) for index in missing for path in as_paths(path_of(items[index]))}
+            self._redone = (self._redone or set()) | redone
+        chosen: list[int] = broadcast_object(missing)
+        return [items[index] for index in chosen]
 
     def share(self, items: Sequence[Item]) -> list[Item]:
         """This process's share of ``items``: every ``world_size``-th one, starting at its rank."""
         return list(items[self.dist.rank :: self.dist.world_size])
 
-    def finish_files(self, items: Sequence[Item], path_of: Callable[[Item], Path], **extra: Any) -> None:
+    def finish_files(
+        self, items: Sequence[Item], path_of: Callable[[Item], Path | Sequence[Path]], **extra: Any
+    ) -> None:
         """Wait for every rank, check that every item's file exists, then mark the output complete with each
-        file's size (name -> bytes: what ``todo`` and readers check, stat only)."""
+        file's size and sha256 (keyed by :meth:`key`): sizes are what ``todo`` checks (stat only), both are
+        what readers check (:func:`verify_file`). The files ``todo`` did not send to be recomputed keep the
+        hash recorded when they were written (so a file damaged since stays caught); the others are hashed
+        here, each rank hashing its share. Collective."""
         barrier()
-        missing = broadcast_object(
-            [str(path_of(item)) for item in items if not path_of(item).exists()]
-            if self.dist.is_main
-            else None
-        )
+        paths = [path for item in items for path in as_paths(path_of(item))]
+        plan: tuple[list[str], list[str]] | None = None
+        if self.dist.is_main:
+            missing = [str(path) for path in paths if not path.exists()]
+            recorded = (read_manifest(self.directory) or {}).get("sha256")
+            kept = recorded if isinstance(recorded, dict) and self._redone is not None else {}
+            fresh = [
+                self.key(p) for p in paths if self.key(p) not in kept or self.key(p) in (self._redone or ())
+            ]
+            plan = (missing, fresh)
+        missing, fresh = broadcast_object(plan)
         if missing:
             raise RuntimeError(
                 f"{self.stage}: {len(missing)} output files missing after the run, e.g. {missing[0]}"
             )
-        sizes = {path.name: path.stat().st_size for path in map(path_of, items)} if self.dist.is_main else {}
-        self.complete(items=len(items), sizes=sizes, **extra)
+        mine = {key: sha256_file(self.directory / key) for key in self.share(fresh)}
+        hashes = {key: value for share in all_gather_objects(mine) for key, value in share.items()}
+        if self.dist.is_main:
+            sizes = {self.key(path): path.stat().st_size for path in paths}
+            recorded = (read_manifest(self.directory) or {}).get("sha256") or {}
+            hashes = {key: hashes[key] if key in hashes else recorded[key] for key in sizes}
+            self.complete(items=len(items), sizes=sizes, sha256=hashes, **extra)
         barrier()

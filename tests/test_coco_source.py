@@ -84,3 +84,39 @@ def test_coco_pipeline_end_to_end(tmp_path: Path) -> None:
     assert len(list((workdir / "cache" / "coco_masks" / "val").glob("*.png"))) == 4
     clims_log = (workdir / "logs" / "train_clims.jsonl").read_text()
     assert '"prompts": "coco"' in clims_log
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs numpy 2
+def test_coco_preflight_names_the_damaged_files(tmp_path: Path) -> None:
+    """A COCO set with an annotation of a category the file does not list, an annotation whose image size
+    is not its image's, a truncated image and a polygon that cannot be drawn: the preflight reports all four
+    before training, each naming its file (and the value)."""
+    pytest.importorskip("pycocotools")
+    from clims_pipeline.data import COCOSource, DatasetError
+
+    root = tmp_path / "coco"
+    write_synthetic_coco(root, {"train": 5})
+    annotation_file = root / "annotations" / "instances_train2014.json"
+    data = json.loads(annotation_file.read_text())
+    first, second, third, fourth = (info["id"] for info in data["images"][:4])
+    next(a for a in data["annotations"] if a["image_id"] == first)["category_id"] = 999
+    next(info for info in data["images"] if info["id"] == second)["width"] = 65
+    next(a for a in data["annotations"] if a["image_id"] == fourth)["segmentation"] = [["x"]]
+    annotation_file.write_text(json.dumps(data))
+    truncated = root / "train2014" / f"COCO_train2014_{third:012d}.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:300])
+
+    source = COCOSource(root, mask_cache_dir=tmp_path / "masks")
+    with pytest.raises(DatasetError) as raised:
+        source.validate("train", need_masks=True)
+    message = str(raised.value)
+    assert "found 4 problem(s)" in message and "nothing was trained" in message
+    assert (
+        f"annotation of image COCO_train2014_{first:012d} in {annotation_file} has category id 999"
+    ) in message
+    assert (
+        f"image {root / 'train2014' / f'COCO_train2014_{second:012d}.jpg'} is 64x48 but {annotation_file} "
+        "gives it 65x48"
+    ) in message
+    assert f"unreadable image: {truncated}" in message
+    assert f"cannot draw the mask of COCO_train2014_{fourth:012d} from {annotation_file}" in message

@@ -107,9 +107,23 @@ def test_train_aff_two_process_steps_equal_single_process_steps(runs: dict[str, 
     )
 
 
+def recorded_hashes(directory: Path) -> dict[str, str]:
+    """The sha256 of every file the manifest of ``directory`` recorded, after checking them against the
+    files."""
+    from clims_pipeline.files import sha256_file
+
+    hashes: dict[str, str] = json.loads((directory / "manifest.json").read_text())["sha256"]
+    assert hashes and hashes == {key: sha256_file(directory / key) for key in hashes}
+    return hashes
+
+
 def test_make_rw_sharded_over_two_processes_writes_the_same_masks(runs: dict[str, Path]) -> None:
     assert_same_pngs(runs["seg"] / "make_rw" / "masks", runs["ddp"] / "make_rw" / "masks")
     assert results(runs["seg"])["rw"] == results(runs["ddp"])["rw"]
+    # Each process hashed its share of the files; the main one recorded them all.
+    assert recorded_hashes(runs["seg"] / "make_rw" / "masks") == recorded_hashes(
+        runs["ddp"] / "make_rw" / "masks"
+    )
 
 
 def test_train_seg_two_process_steps_equal_single_process_steps(runs: dict[str, Path]) -> None:
@@ -128,3 +142,5 @@ def test_eval_seg_sharded_over_two_processes_gives_the_same_predictions(runs: di
     single_dir, ddp_dir = Path(single.pop("predictions")), Path(ddp.pop("predictions"))
     assert single == ddp
     assert_same_pngs(single_dir, ddp_dir)
+    single_hashes = recorded_hashes(runs["eval"] / "eval_seg" / "predictions")
+    assert single_hashes == recorded_hashes(runs["ddp"] / "eval_seg" / "predictions")

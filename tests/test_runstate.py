@@ -3,17 +3,20 @@ resume unfinished per-image work, refuse to throw away an interrupted run made w
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from clims_pipeline.distributed import DistributedInfo
+from clims_pipeline.files import DamagedFileError
 from clims_pipeline.runstate import (
     StageOutput,
     changed_fields,
     digest,
     output_digest,
     read_manifest,
+    verify_file,
 )
 
 
@@ -120,3 +123,27 @@ def test_a_later_stage_reads_the_digest_of_a_complete_output_only(tmp_path: Path
         output_digest(tmp_path / "out", "make_cam")
     output.complete()
     assert output_digest(tmp_path / "out", "make_cam") == digest({"k": 1})
+
+
+def test_a_resumed_output_keeps_the_hash_of_a_kept_file_so_its_damage_stays_caught(tmp_path: Path) -> None:
+    """finish_files hashes only the files todo sent to be recomputed: a kept file damaged since it was
+    written (same size) is not blessed by the next run; verify_file still names it."""
+    output = make_output(tmp_path / "out", {}, [])
+    output.begin()
+
+    def path_of(image_id: str) -> Path:
+        return output.directory / f"{image_id}.npy"
+
+    for image_id in "ab":
+        path_of(image_id).write_text(f"written {image_id}")
+    output.finish_files(["a", "b"], path_of)
+    path_of("a").write_text("written x")  # the same size, other bytes
+    path_of("b").unlink()
+    again = make_output(tmp_path / "out", {}, [])
+    again.begin()
+    assert again.todo(["a", "b"], path_of) == ["b"]  # skipping goes by size
+    path_of("b").write_text("written b")
+    again.finish_files(["a", "b"], path_of)
+    verify_file(path_of("b"))
+    with pytest.raises(DamagedFileError, match=re.escape(f"{path_of('a')} is damaged: its sha256 is ")):
+        verify_file(path_of("a"))

@@ -23,11 +23,10 @@ from ..context import Stage, StageContext, register_stage
 from ..crf import DEEPLAB_CRF, dense_crf
 from ..data import DatasetError, normalize_image
 from ..deeplab import MSC, build_deeplab, multiscale_probabilities
-from ..distributed import barrier
 from ..files import atomic_write, save_png
 from ..label_maps import palette_image, per_class, segmentation_confusion
 from ..metrics import format_iou_table, iou_from_confusion, mean_iou
-from ..runstate import StageOutput
+from ..runstate import StageOutput, verify_file
 from ..training import autocast_context, final_model_path, load_final_model, model_digest, small_op_threads
 
 SUBMISSION_SUBDIR = Path("submission") / "results" / "VOC2012" / "Segmentation" / "comp6_test_cls"
@@ -53,27 +52,27 @@ def load_segmentation_network(ctx: StageContext) -> MSC:
 
 def predict(
     ctx: StageContext, model: MSC, output: StageOutput, image_ids: list[str], split: str, crf: bool
-) -> tuple[Path, Path | None]:
-    """Write the prediction (and the CRF-refined one) of every image of ``split`` that has none yet, sharded
-    over ranks; return the two directories."""
+) -> tuple[Path, Path | None, list[Path]]:
+    """Write the prediction (and the CRF-refined one) of every image of ``split`` that has none yet (or one
+    of another size than the manifest recorded), sharded over ranks; return the two directories and every
+    prediction file (for ``finish_files``)."""
     out_dir = output.directory / split
     crf_dir = output.directory / f"{split}_crf" if crf else None
-    todo = [
-        i
-        for i in image_ids
-        if not (out_dir / f"{i}.png").exists()
-        or (crf_dir is not None and not (crf_dir / f"{i}.png").exists())
-    ]
+
+    def paths_of(image_id: str) -> tuple[Path, ...]:
+        return tuple(directory / f"{image_id}.png" for directory in (out_dir, crf_dir) if directory)
+
+    todo = output.todo(image_ids, paths_of, f"{split} predictions")
     with small_op_threads(ctx, ctx.config.train_seg.backbone == "tiny"):
         for image_id in tqdm(
             output.share(todo), desc=f"eval_seg {split}", disable=not ctx.dist.is_main, dynamic_ncols=True
         ):
             predict_one(ctx, model, image_id, out_dir, crf_dir)
-    barrier()
-    return out_dir, crf_dir
+    return out_dir, crf_dir, [path for image_id in image_ids for path in paths_of(image_id)]
 
 
 def copy_file(source: Path, target: Path) -> None:
+    verify_file(source)
     data = source.read_bytes()
     atomic_write(target, lambda file: file.write(data))
 
@@ -121,7 +120,15 @@ def evaluate_segmentation(ctx: StageContext, config: EvalSegConfig) -> None:
     image_ids = ctx.validate_split(split, need_masks=True)
     model = load_segmentation_network(ctx)
     output.begin()
-    out_dir, crf_dir = predict(ctx, model, output, image_ids, split, config.crf)
+    out_dir, crf_dir, written = predict(ctx, model, output, image_ids, split, config.crf)
+    test_ids = test_image_ids(ctx)
+    if test_ids:
+        test_dir, test_crf_dir, test_written = predict(
+            ctx, model, output, test_ids, config.test_split, config.crf
+        )
+        written += test_written
+    # Sizes and hashes of every prediction: the mIoU below and the submission read them through verify_file.
+    output.finish_files(written, lambda path: path, split=split, images=len(image_ids))
 
     class_names = ("background", *ctx.source.class_names)
     iou_plain = iou_from_confusion(segmentation_confusion(ctx, image_ids, out_dir, len(class_names)))
@@ -150,9 +157,7 @@ def evaluate_segmentation(ctx: StageContext, config: EvalSegConfig) -> None:
         "units": "percent",
     }
 
-    test_ids = test_image_ids(ctx)
     if test_ids:
-        test_dir, test_crf_dir = predict(ctx, model, output, test_ids, config.test_split, config.crf)
         submission = stage_dir / SUBMISSION_SUBDIR
         if ctx.dist.is_main:
             chosen = test_crf_dir if test_crf_dir is not None else test_dir
@@ -163,7 +168,6 @@ def evaluate_segmentation(ctx: StageContext, config: EvalSegConfig) -> None:
             "images": len(test_ids),
             "dir": str(submission),
         }
-    output.complete(split=split, images=len(image_ids))
     ctx.update_results({"seg": result}, stage="eval_seg")
     summary = (
         f"seg (DeepLabV2, {ctx.config.train_seg.backbone}, init {ctx.config.train_seg.weights}) on "

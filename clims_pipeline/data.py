@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from clims_loss import IMAGENET_MEAN, IMAGENET_STD, BackgroundPromptRegistry
 
-from .files import StampedCache, atomic_write, save_png
+from .files import StampedCache, atomic_write, file_stamp, save_png
 from .plugins import load_plugins
 
 VOID_LABEL = 255
@@ -611,7 +611,12 @@ class COCOSource(SegmentationSource):
         return api.imgs[numeric_id], api.loadAnns(api.getAnnIds(imgIds=numeric_id))
 
     def mask_path(self, image_id: str) -> Path:
-        path = self.mask_cache_dir / self._split_of(image_id) / f"{image_id}.png"
+        split = self._split_of(image_id)
+        # Keyed by the annotation file's size and mtime (the rule of every cache here): masks drawn from an
+        # edited annotation file are drawn anew, not read from the old file's cache.
+        stamp = file_stamp(self.annotation_path(split))
+        key = f"{split}-{stamp[0]}-{stamp[1]}" if stamp is not None else split
+        path = self.mask_cache_dir / key / f"{image_id}.png"
         if not path.is_file():
             save_png(path, Image.fromarray(self._render_mask(image_id), mode="L"))
         return path

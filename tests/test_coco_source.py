@@ -81,7 +81,7 @@ def test_coco_pipeline_end_to_end(tmp_path: Path) -> None:
     assert results["split"] == "val" and results["images"] == 4
     assert len(results["per_class"]) == 81
     assert len(list((workdir / "make_cam" / "train_clims").glob("*.npy"))) == 20
-    assert len(list((workdir / "cache" / "coco_masks" / "val").glob("*.png"))) == 4
+    assert len(list((workdir / "cache" / "coco_masks").glob("val-*/*.png"))) == 4
     clims_log = (workdir / "logs" / "train_clims.jsonl").read_text()
     assert '"prompts": "coco"' in clims_log
 
@@ -120,3 +120,32 @@ def test_coco_preflight_names_the_damaged_files(tmp_path: Path) -> None:
     ) in message
     assert f"unreadable image: {truncated}" in message
     assert f"cannot draw the mask of COCO_train2014_{fourth:012d} from {annotation_file}" in message
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs numpy 2
+def test_coco_masks_follow_an_edited_annotation_file(tmp_path: Path) -> None:
+    """The drawn masks are a cache of the annotation file: after the file is edited (another category for
+    an annotation), a new source draws the mask anew instead of reading the old drawing."""
+    pytest.importorskip("pycocotools")
+    import os
+
+    from clims_pipeline.data import COCOSource
+
+    root = tmp_path / "coco"
+    write_synthetic_coco(root, {"val": 2})
+    annotation_file = root / "annotations" / "instances_val2014.json"
+    first = COCOSource(root, mask_cache_dir=tmp_path / "masks")
+    image_id = first.ids("val")[0]
+    before = first.load_mask(image_id)
+    data = json.loads(annotation_file.read_text())
+    numeric_id = int(image_id.rsplit("_", 1)[-1])
+    annotation = next(a for a in data["annotations"] if a["image_id"] == numeric_id and not a.get("iscrowd"))
+    old_value = sorted(c["id"] for c in data["categories"]).index(annotation["category_id"]) + 1
+    other = next(c["id"] for c in data["categories"] if c["id"] != annotation["category_id"])
+    annotation["category_id"] = other
+    annotation_file.write_text(json.dumps(data))
+    os.utime(annotation_file, ns=(1, 1))  # an edit within the same mtime tick still changes the stamp
+    after = COCOSource(root, mask_cache_dir=tmp_path / "masks").load_mask(image_id)
+    new_value = sorted(c["id"] for c in data["categories"]).index(other) + 1
+    assert (before == old_value).any() and (after != before).any()
+    assert (after == new_value).sum() >= (before == old_value).sum() > 0

@@ -304,11 +304,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def selected_stage_names(text: str) -> list[str]:
+def selected_stage_names(text: str, config: PipelineConfig) -> list[str]:
     if text in ("", "default"):
         return list(DEFAULT_STAGES)
     if text == "all":
-        return sorted(STAGES, key=lambda n: STAGES[n].order)
+        return [n for n in sorted(STAGES, key=lambda n: STAGES[n].order) if STAGES[n].in_all(config)]
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
@@ -323,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    selected = ordered_stages(selected_stage_names(args.stages))
+    selected = ordered_stages(selected_stage_names(args.stages, config))
     spec = data_source_spec(config.dataset)
 
     dist_info, device = init_distributed(args.device)

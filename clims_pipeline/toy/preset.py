@@ -95,6 +95,30 @@ def apply_toy_preset(config: PipelineConfig) -> None:
         resize_long=(56, 72),
     )
     config.make_rw = dataclasses.replace(config.make_rw, exponent=5, crf=False)
+    # IRNet on the toy world (starting values, to be tuned on `train`): the small stride-4 backbone trained
+    # with the branches (it has no pretrained weights to freeze), 16 x 16 boundary grids, no CRF; both
+    # refiners run so that the main command prints +RW and +IRNet.
+    config.train_irn = dataclasses.replace(
+        config.train_irn,
+        train=dataclasses.replace(
+            config.train_irn.train,
+            epochs=2,
+            batch_size=16,
+            lr=1e-3,
+            head_lr_mult=1.0,
+            optimizer="adamw",
+            log_every=50,
+        ),
+        backbone="small",
+        weights="none",
+        freeze_backbone=False,
+        crop_size=64,
+        scales=(0.9, 1.1),
+        radius=5,
+        crf=False,
+    )
+    config.make_sem_seg = dataclasses.replace(config.make_sem_seg, exponent=5)
+    config.refine = dataclasses.replace(config.refine, compare=True)
     config.train_seg = dataclasses.replace(
         config.train_seg,
         # The toy backbone at stride 4 with AdamW: the tiny stride-8 net (8 x 8 logits, SGD, 300 steps)

@@ -49,6 +49,7 @@ from .networks import (
 from .random_walk import (
     IGNORE_LABEL,
     affinity_label_masks,
+    at_least_float32,
     pad_to_stride,
     pair_counts,
     pair_offsets,
@@ -185,11 +186,11 @@ def irn_loss(
             f"got {tuple(labels.shape)}"
         )
     masks = affinity_label_masks(labels, offsets)
-    affinities = boundary_affinities(torch.sigmoid(boundary_logits[:, 0].float()), offsets)
+    affinities = boundary_affinities(torch.sigmoid(at_least_float32(boundary_logits[:, 0])), offsets)
     losses = relation_losses(affinities, masks, world_size)
     background, foreground = masks[0], masks[1]
     counts = pair_counts((background, foreground), world_size)
-    displacement = displacement.float()
+    displacement = at_least_float32(displacement)
     height, width = labels.shape[1:]
     foreground_sum = displacement.new_zeros(())
     background_sum = displacement.new_zeros(())

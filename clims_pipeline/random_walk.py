@@ -126,6 +126,11 @@ def affinity_loss(
     return loss, losses
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half and bfloat16 (autocast) as float32 for a loss; float32 and float64 as they are."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 #: Keeps log finite at affinity 0 or 1, and the means of empty pair sets at 0.
 PAIR_EPS = 1e-5
 
@@ -142,7 +147,7 @@ def relation_losses(
     """The three cross-entropies of an affinity map (B, O, h, w) against the (background-positive,
     foreground-positive, negative) pair masks of :func:`affinity_label_masks`, each averaged over its pairs
     of the global batch (times ``world_size``: see :func:`affinity_loss`). Shared by PSA and IRNet."""
-    affinities = affinities.float()
+    affinities = at_least_float32(affinities)
     counts = pair_counts(masks, world_size)
     values = (-torch.log(affinities + PAIR_EPS), -torch.log(affinities + PAIR_EPS),
               -torch.log(1.0 + PAIR_EPS - affinities))  # fmt: skip

@@ -386,11 +386,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def selected_stage_names(text: str) -> list[str]:
+def selected_stage_names(text: str, config: PipelineConfig) -> list[str]:
     if text in ("", "default"):
         return list(DEFAULT_STAGES)
     if text == "all":
-        return sorted(STAGES, key=lambda n: STAGES[n].order)
+        return [n for n in sorted(STAGES, key=lambda n: STAGES[n].order) if STAGES[n].in_all(config)]
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
@@ -407,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.write_registry:
         return write_registry(config, Path(os.path.abspath(args.workdir)), Path(args.write_registry))
-    selected = ordered_stages(selected_stage_names(args.stages))
+    selected = ordered_stages(selected_stage_names(args.stages, config))
     spec = data_source_spec(config.dataset)
 
     dist_info, device = init_distributed(args.device)

@@ -222,6 +222,43 @@ class MakeRWConfig:
 
 
 @dataclass
+class TrainIRNConfig:
+    """IRNet (stage ``train_irn``): inter-pixel relation labels from the CAMs, then the boundary and
+    displacement branches trained on them (the official improved CLIMS run's settings)."""
+
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=0.1, weight_decay=1e-4, log_every=50)
+    )  # IRN: 3 epochs, batch 32, lr 0.1 poly (displacement branch 10x), weight decay 1e-4
+    backbone: str = "resnet50"  # "resnet50" (ImageNet, frozen), "tiny" or "small" (networks.py)
+    weights: str = "imagenet"  # "imagenet" (torchvision), "none" or a local ResNet-50 state dict
+    freeze_backbone: bool = True  # IRN trains only the two branches; backbones without weights must train
+    crop_size: int = 512  # a multiple of 16
+    scales: tuple[float, float] = (0.5, 1.5)  # random rescale factor range
+    radius: int = 10  # pairs within this distance on the stride-4 grid (training)
+    fg_threshold: float = 0.30  # CAM score of the confident foreground (IRN's conf_fg_thres)
+    bg_threshold: float = 0.10  # below every CAM: confident background (conf_bg_thres)
+    crf: bool = True  # refine both label maps with IRN's label CRF; False: plain arg-max
+
+
+@dataclass
+class MakeSemSegConfig:
+    """IRNet's semantic pseudo masks (stage ``make_sem_seg``): the boundary map's random walk of the CAMs."""
+
+    beta: float = 10.0  # affinity^beta
+    exponent: int = 8  # 2^exponent walk steps (IRN's exp_times)
+    radius: int = 5  # pairs within this distance on the stride-4 grid (inference)
+    background_threshold: float = 0.20  # the background score after the walk (IRN's sem_seg_bg_thres)
+
+
+@dataclass
+class RefineConfig:
+    """Which refiner's pseudo masks ``train_seg`` trains on, and whether ``--stages all`` runs both."""
+
+    method: str = "psa"  # "psa" (train_aff + make_rw) or "irn" (train_irn + make_sem_seg)
+    compare: bool = False  # also run the other refiner (both mIoUs printed and reported)
+
+
+@dataclass
 class TrainSegConfig:
     """DeepLabV2 (stage ``train_seg``), deeplab-pytorch's VOC configuration as used by CLIMS."""
 
@@ -243,7 +280,8 @@ class TrainSegConfig:
     crop_size: int = 321
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)  # random rescaling of training images
     msc_scales: tuple[float, ...] = (0.5, 0.75)  # the extra input scales of the MSC wrapper
-    mask_source: str = "make_rw"  # "make_rw" (pseudo masks) or "ground_truth" (an upper-bound check)
+    # "refined" (the pseudo masks of refine.method), "make_rw", "make_sem_seg" or "ground_truth" (a ceiling)
+    mask_source: str = "refined"
 
 
 @dataclass
@@ -273,6 +311,9 @@ class PipelineConfig:
     eval_cam: EvalCamConfig = field(default_factory=EvalCamConfig)
     train_aff: TrainAffConfig = field(default_factory=TrainAffConfig)
     make_rw: MakeRWConfig = field(default_factory=MakeRWConfig)
+    train_irn: TrainIRNConfig = field(default_factory=TrainIRNConfig)
+    make_sem_seg: MakeSemSegConfig = field(default_factory=MakeSemSegConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     train_seg: TrainSegConfig = field(default_factory=TrainSegConfig)
     eval_seg: EvalSegConfig = field(default_factory=EvalSegConfig)
     #: Sections that plug-ins add (:func:`register_config_section`), by name; ``to_dict`` lists them beside
@@ -345,6 +386,8 @@ def build_config(
     else:
         # Official repository: 15 epochs of poly lr from a baseline CAM net, threshold 0.15 for evaluation.
         config.train_clims.train = TrainConfig(epochs=15, lr=2.5e-4, schedule="poly")
+        # ... and refines the CAMs with IRNet instead of PSA's AffinityNet.
+        config.refine.method = "irn"
     config.data.train_split, config.data.eval_split = spec.train_split, spec.eval_split
     IMAGE_SIZES[image_size](config)
     PRESETS[preset](config)
@@ -380,6 +423,15 @@ def apply_smoke_preset(config: PipelineConfig) -> None:
         resize_long=(64, 128),
     )
     config.make_rw.exponent = 5
+    config.train_irn = dataclasses.replace(
+        config.train_irn,
+        train=dataclasses.replace(config.train_irn.train, epochs=1, batch_size=8, log_every=2),
+        backbone="tiny",
+        weights="none",
+        freeze_backbone=False,  # random weights: a frozen backbone would give the branches noise
+        crop_size=64,
+    )
+    config.make_sem_seg.exponent = 5
     config.train_seg = dataclasses.replace(
         config.train_seg,
         train=dataclasses.replace(config.train_seg.train, max_steps=6, lr=1e-2, log_every=2),
@@ -437,6 +489,28 @@ def apply_small_images(config: PipelineConfig) -> None:
         resize_long=(56, 72),
     )
     config.make_rw = dataclasses.replace(config.make_rw, exponent=5, crf=False)
+    # IRNet on small images: the small stride-4 backbone trained with the branches (it has no pretrained
+    # weights to freeze), 16 x 16 boundary grids on 64-pixel crops, no CRF.
+    config.train_irn = dataclasses.replace(
+        config.train_irn,
+        train=dataclasses.replace(
+            config.train_irn.train,
+            epochs=2,
+            batch_size=16,
+            lr=1e-3,
+            head_lr_mult=1.0,
+            optimizer="adamw",
+            log_every=50,
+        ),
+        backbone="small",
+        weights="none",
+        freeze_backbone=False,
+        crop_size=64,
+        scales=(0.9, 1.1),
+        radius=5,
+        crf=False,
+    )
+    config.make_sem_seg = dataclasses.replace(config.make_sem_seg, exponent=5)
     config.train_seg = dataclasses.replace(
         config.train_seg,
         # The small backbone at stride 4 with AdamW: the tiny stride-8 net (8 x 8 logits, SGD, 300 steps)

@@ -69,6 +69,11 @@ class Stage:
         """Whether this run of the stage needs the dense CRF (the ``crf`` extra)."""
         return False
 
+    def in_all(self, config: PipelineConfig) -> bool:
+        """Whether ``--stages all`` runs this stage under ``config`` (e.g. only the chosen refiner); a stage
+        named in ``--stages`` runs regardless."""
+        return True
+
     def preflight(self, ctx: StageContext) -> None:
         """Runs for every selected stage before the first one starts, so that a broken data set, a missing
         input or a missing optional dependency stops the pipeline before any training."""

@@ -4,6 +4,8 @@ Two stages need it, with the parameters of their reference set-ups:
 
 * ``make_rw`` / ``train_aff`` (PSA, Ahn & Kwak 2018): refine the CAM scores into confident affinity labels,
   and optionally the random-walk result (:data:`PSA_CRF`);
+* ``train_irn`` (IRN, Ahn, Cho & Kwak 2019): smooth the confident label maps of the relation labels, from
+  hard labels (:func:`dense_crf_labels`, :data:`IRN_LABEL_CRF`);
 * ``eval_seg`` (DeepLabV2 as configured in deeplab-pytorch): post-process the segmentation scores
   (:data:`DEEPLAB_CRF`).
 
@@ -40,6 +42,10 @@ class CRFParams:
 #: PSA's CRF (affinity labels from CAMs).
 PSA_CRF = CRFParams(iterations=10, gaussian_sxy=3, gaussian_compat=3, bilateral_sxy=80, bilateral_srgb=13,
                     bilateral_compat=10)  # fmt: skip
+#: IRN's label CRF (relation labels from CAMs): Gaussian 3/3, bilateral 50/5/10.
+IRN_LABEL_CRF = CRFParams(
+    iterations=10, gaussian_sxy=3, gaussian_compat=3, bilateral_sxy=50, bilateral_srgb=5, bilateral_compat=10
+)
 #: deeplab-pytorch's CRF for DeepLabV2 on VOC (POS_W 3, POS_XY_STD 1, BI_W 4, BI_XY_STD 67, BI_RGB_STD 3).
 DEEPLAB_CRF = CRFParams(iterations=10, gaussian_sxy=1, gaussian_compat=3, bilateral_sxy=67, bilateral_srgb=3,
                         bilateral_compat=4)  # fmt: skip
@@ -96,3 +102,27 @@ def dense_crf(image: np.ndarray, probabilities: np.ndarray, params: CRFParams = 
     )
     marginals = model.inference(params.iterations)
     return np.asarray(marginals, dtype=np.float32).reshape(num_labels, height, width)
+
+
+def dense_crf_labels(
+    image: np.ndarray, labels: np.ndarray, num_labels: int, params: CRFParams, confidence: float = 0.7
+) -> np.ndarray:
+    """Smooth a hard label map (H, W) of values ``0..num_labels-1`` with a dense CRF; returns the arg-max
+    (H, W) int64.
+
+    Each pixel's unary trusts its label with probability ``confidence`` and spreads the rest evenly over the
+    other labels (IRN's set-up, 0.7). One label only: returned as it is (there is nothing to decide).
+    """
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"expected labels of shape {image.shape[:2]} matching the image, got {labels.shape}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"expected confidence in (0, 1), got {confidence}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_labels):
+        raise ValueError(f"expected labels in 0..{num_labels - 1}, got {labels.min()}..{labels.max()}")
+    if num_labels < 2:
+        return labels.astype(np.int64)
+    rest = (1.0 - confidence) / (num_labels - 1)
+    probabilities = np.full((num_labels, *labels.shape), rest, dtype=np.float32)
+    np.put_along_axis(probabilities, labels[None].astype(np.int64), confidence, axis=0)
+    refined: np.ndarray = dense_crf(image, probabilities, params).argmax(axis=0)
+    return refined

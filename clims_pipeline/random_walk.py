@@ -56,7 +56,7 @@ def pair_offsets(radius: int) -> list[tuple[int, int]]:
     return offsets
 
 
-def _pair_windows(height: int, width: int, offset: tuple[int, int]) -> tuple[tuple[slice, slice], ...]:
+def pair_windows(height: int, width: int, offset: tuple[int, int]) -> tuple[tuple[slice, slice], ...]:
     """(source window, target window): pixel ``p`` of the source window pairs with the same position of the
     target window, ``p + offset``. Empty when the offset leaves the grid."""
     dy, dx = offset
@@ -74,7 +74,7 @@ def pair_affinities(features: torch.Tensor, offsets: list[tuple[int, int]]) -> t
     batch, _, height, width = features.shape
     out = features.new_zeros(batch, len(offsets), height, width)
     for index, offset in enumerate(offsets):
-        (sy, sx), (ty, tx) = _pair_windows(height, width, offset)
+        (sy, sx), (ty, tx) = pair_windows(height, width, offset)
         difference = (features[:, :, sy, sx] - features[:, :, ty, tx]).abs().mean(dim=1)
         out[:, index, sy, sx] = torch.exp(-difference)
     return out
@@ -94,7 +94,7 @@ def affinity_label_masks(
     batch, height, width = labels.shape
     masks = torch.zeros(3, batch, len(offsets), height, width, device=labels.device)
     for index, offset in enumerate(offsets):
-        (sy, sx), (ty, tx) = _pair_windows(height, width, offset)
+        (sy, sx), (ty, tx) = pair_windows(height, width, offset)
         source, target = labels[:, sy, sx], labels[:, ty, tx]
         valid = (source != IGNORE_LABEL) & (target != IGNORE_LABEL)
         same = source == target
@@ -120,21 +120,41 @@ def affinity_loss(
             f"expected affinities (B, O, h, w) and labels (B, h, w) on the same grid, got "
             f"{tuple(affinities.shape)} and {tuple(labels.shape)}"
         )
-    background, foreground, negative = affinity_label_masks(labels, offsets)
-    affinities = affinities.float()
-    eps = 1e-5  # keeps log finite at affinity 0 or 1, and empty pair sets at loss 0
-    counts = torch.stack([background.sum(), foreground.sum(), negative.sum()])
-    if world_size > 1:
-        counts = all_reduce_sum(counts.detach().clone())
-
-    def mean_over(mask: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        return (mask * values).sum() * world_size / (count + eps)
-
-    background_loss = mean_over(background, -torch.log(affinities + eps), counts[0])
-    foreground_loss = mean_over(foreground, -torch.log(affinities + eps), counts[1])
-    negative_loss = mean_over(negative, -torch.log(1.0 + eps - affinities), counts[2])
+    losses = relation_losses(affinities, affinity_label_masks(labels, offsets), world_size)
+    background_loss, foreground_loss, negative_loss = losses["bg"], losses["fg"], losses["neg"]
     loss = background_loss / 4 + foreground_loss / 4 + negative_loss / 2
-    return loss, {"bg": background_loss, "fg": foreground_loss, "neg": negative_loss}
+    return loss, losses
+
+
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half and bfloat16 (autocast) as float32 for a loss; float32 and float64 as they are."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+#: Keeps log finite at affinity 0 or 1, and the means of empty pair sets at 0.
+PAIR_EPS = 1e-5
+
+
+def pair_counts(masks: tuple[torch.Tensor, ...], world_size: int = 1) -> torch.Tensor:
+    """The number of pairs in each mask, summed over the ranks when ``world_size`` > 1 (one all-reduce)."""
+    counts = torch.stack([mask.sum() for mask in masks])
+    return all_reduce_sum(counts.detach().clone()) if world_size > 1 else counts
+
+
+def relation_losses(
+    affinities: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor, torch.Tensor], world_size: int = 1
+) -> dict[str, torch.Tensor]:
+    """The three cross-entropies of an affinity map (B, O, h, w) against the (background-positive,
+    foreground-positive, negative) pair masks of :func:`affinity_label_masks`, each averaged over its pairs
+    of the global batch (times ``world_size``: see :func:`affinity_loss`). Shared by PSA and IRNet."""
+    affinities = at_least_float32(affinities)
+    counts = pair_counts(masks, world_size)
+    values = (-torch.log(affinities + PAIR_EPS), -torch.log(affinities + PAIR_EPS),
+              -torch.log(1.0 + PAIR_EPS - affinities))  # fmt: skip
+    return {
+        name: (mask * value).sum() * world_size / (count + PAIR_EPS)
+        for name, mask, value, count in zip(("bg", "fg", "neg"), masks, values, counts, strict=True)
+    }
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -339,7 +359,7 @@ def transition_matrix(
     node = torch.arange(height * width, device=device).view(height, width)
     rows, cols, values = [node.flatten()], [node.flatten()], [torch.ones(height * width, device=device)]
     for index, offset in enumerate(offsets):
-        (sy, sx), (ty, tx) = _pair_windows(height, width, offset)
+        (sy, sx), (ty, tx) = pair_windows(height, width, offset)
         source, target = node[sy, sx].flatten(), node[ty, tx].flatten()
         weight = pair_affinity[index, sy, sx].flatten().double().clamp_min(0.0) ** beta
         rows += [source, target]

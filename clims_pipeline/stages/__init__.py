@@ -5,11 +5,13 @@ from . import (  # noqa: F401
     eval_seg,
     make_cam,
     make_rw,
+    make_sem_seg,
     mine_backgrounds,
     report,
     train_aff,
     train_cam,
     train_clims,
     train_clip,
+    train_irn,
     train_seg,
 )

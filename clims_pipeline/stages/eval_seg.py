@@ -24,7 +24,7 @@ from ..crf import DEEPLAB_CRF, dense_crf
 from ..data import DatasetError, normalize_image
 from ..deeplab import MSC, build_deeplab, multiscale_probabilities
 from ..files import atomic_write, save_png
-from ..label_maps import palette_image, per_class, segmentation_confusion
+from ..label_maps import palette_image, per_class, segmentation_confusion, training_mask_stage
 from ..metrics import format_iou_table, iou_from_confusion, mean_iou
 from ..runstate import StageOutput, verify_file
 from ..training import autocast_context, final_model_path, load_final_model, model_digest, small_op_threads
@@ -151,7 +151,7 @@ def evaluate_segmentation(ctx: StageContext, config: EvalSegConfig) -> None:
         "crf_params": DEEPLAB_CRF.as_dict() if config.crf else None,
         "backbone": ctx.config.train_seg.backbone,
         "init_weights": ctx.config.train_seg.weights,
-        "mask_source": ctx.config.train_seg.mask_source,
+        "mask_source": training_mask_stage(ctx) or "ground_truth",
         "train_split": ctx.config.data.train_split,
         "predictions": str(out_dir if crf_dir is None else crf_dir),
         "units": "percent",

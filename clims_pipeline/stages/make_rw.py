@@ -18,21 +18,19 @@ from tqdm import tqdm
 
 from ..cams import cam_digest, cam_directory, load_cam_file, resolve_cam_source
 from ..config import MakeRWConfig
-from ..context import Stage, StageContext, register_stage
+from ..context import StageContext, register_stage
 from ..crf import PSA_CRF, dense_crf
 from ..data import normalize_image
-from ..files import atomic_write, save_png
-from ..label_maps import palette_image, per_class, pseudo_mask_directory, segmentation_confusion
-from ..metrics import format_iou_table, iou_from_confusion, mean_iou
+from ..files import save_png
+from ..label_maps import (
+    PseudoMaskStage,
+    evaluate_pseudo_masks,
+    palette_image,
+    pseudo_mask_directory,
+    refinement_image_ids,
+)
 from ..random_walk import background_scores, build_affinity_net, pad_to_stride, refine_cams_with_random_walk
 from ..training import autocast_context, final_model_path, load_final_model, model_digest, small_op_threads
-
-
-def rw_image_ids(ctx: StageContext) -> list[str]:
-    ids: dict[str, None] = {}
-    for split in dict.fromkeys([ctx.config.data.train_split, ctx.config.data.eval_split]):
-        ids.update(dict.fromkeys(ctx.validate_split(split, need_labels=True)))
-    return list(ids)
 
 
 def write_pseudo_mask(
@@ -58,21 +56,15 @@ def write_pseudo_mask(
 
 
 @register_stage
-class MakeRW(Stage):
+class MakeRW(PseudoMaskStage):
     name, order = "make_rw", 60
     help = "random walk with AffinityNet's affinities: pseudo masks (palette PNG) and their mIoU (+RW)"
 
     reads = ("make_cam", "train_aff")
-
-    def check(self, ctx: StageContext) -> None:
-        rw_image_ids(ctx)
-        ctx.validate_split(ctx.config.data.eval_split, need_masks=True)
+    method = "psa"
 
     def uses_crf(self, ctx: StageContext) -> bool:
         return ctx.config.make_rw.crf
-
-    def output_directory(self, ctx: StageContext) -> Path:
-        return pseudo_mask_directory(ctx)
 
     def run(self, ctx: StageContext) -> None:
         walk_and_evaluate(ctx, ctx.config.make_rw)
@@ -81,7 +73,7 @@ class MakeRW(Stage):
 def walk_and_evaluate(ctx: StageContext, config: MakeRWConfig) -> None:
     source = resolve_cam_source(ctx)
     cam_dir = cam_directory(ctx, source)
-    image_ids = rw_image_ids(ctx)
+    image_ids = refinement_image_ids(ctx)
     fingerprint: dict[str, Any] = {
         "model": model_digest(ctx, "train_aff"),
         "cams": cam_digest(ctx),
@@ -108,15 +100,7 @@ def walk_and_evaluate(ctx: StageContext, config: MakeRWConfig) -> None:
             write_pseudo_mask(ctx, model, cam_dir, output.directory, image_id)
     output.finish_files(image_ids, path_of)
 
-    split = ctx.config.data.eval_split
-    eval_ids = ctx.validate_split(split, need_masks=True)
-    class_names = ("background", *ctx.source.class_names)
-    iou = iou_from_confusion(segmentation_confusion(ctx, eval_ids, output.directory, len(class_names)))
-    result = {
-        "miou": round(100 * mean_iou(iou), 2),
-        "per_class": per_class(class_names, iou),
-        "split": split,
-        "images": len(eval_ids),
+    settings = {
         "cam_source": source,
         "beta": config.beta,
         "exponent": config.exponent,
@@ -129,18 +113,11 @@ def walk_and_evaluate(ctx: StageContext, config: MakeRWConfig) -> None:
             "powers": [ctx.config.train_aff.low_power, ctx.config.train_aff.high_power],
             "crf": ctx.config.train_aff.crf,
         },
-        "units": "percent",
     }
-    ctx.update_results({"rw": result}, stage="make_rw")
-    summary = (
-        f"rw on {ctx.config.dataset} {split} ({len(eval_ids)} images): mIoU {result['miou']:.2f} with beta "
-        f"{config.beta}, 2^{config.exponent} steps, background power {config.background_power}, "
+    described = (
+        f"beta {config.beta}, 2^{config.exponent} steps, background power {config.background_power}, "
         f"{'with' if config.crf else 'no'} CRF"
     )
-    table = format_iou_table("Pseudo-mask mIoU: CAM + random walk", class_names, iou, summary)
-    if ctx.dist.is_main:
-        atomic_write(
-            ctx.workdir / "make_rw" / "rw_table.md", lambda file: file.write((table + "\n").encode())
-        )
+    title = "Pseudo-mask mIoU: CAM + random walk"
+    result = evaluate_pseudo_masks(ctx, "make_rw", output.directory, "rw", settings, title, described)
     ctx.logger("make_rw").log("done", miou=result["miou"], images=len(image_ids), inferred=len(todo))
-    ctx.print(table)

@@ -23,15 +23,12 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageEnhance
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
-from ..cams import cam_digest, cam_directory, load_cam_file
-from ..config import TrainAffConfig, TrainConfig
+from ..config import TrainAffConfig
 from ..context import StageContext, register_stage
 from ..crf import PSA_CRF
 from ..data import SegmentationSource, random_rescale_long_side
-from ..files import save_png
-from ..label_maps import crop_image_and_labels, palette_image, read_label_png
+from ..label_maps import CamLabeller, RefinerTrainerStage, crop_image_and_labels, read_label_png
 from ..random_walk import (
     FEATURE_STRIDE,
     affinity_loss,
@@ -41,49 +38,10 @@ from ..random_walk import (
     pair_affinities,
     pair_offsets,
 )
-from ..runstate import output_digest
-from ..training import LossFunction, TrainerStage
+from ..training import LossFunction
 
 FLIP = Image.Transpose.FLIP_LEFT_RIGHT
 BILINEAR, NEAREST = Image.Resampling.BILINEAR, Image.Resampling.NEAREST
-
-
-def label_directory(ctx: StageContext) -> Path:
-    return ctx.workdir / "train_aff" / "labels"
-
-
-def make_affinity_labels(ctx: StageContext, image_ids: list[str]) -> None:
-    """The confident affinity labels of every image, resumable and sharded over ranks."""
-    config = ctx.config.train_aff
-    cam_dir = cam_directory(ctx)
-    fingerprint = {
-        "cams": cam_digest(ctx),
-        "low_power": config.low_power,
-        "high_power": config.high_power,
-        "crf": PSA_CRF.as_dict() if config.crf else None,
-    }
-    output = ctx.output("train_aff", label_directory(ctx), fingerprint)
-    if output.is_current():
-        return
-    output.begin()
-
-    def path_of(image_id: str) -> Path:
-        return output.directory / f"{image_id}.png"
-
-    shard = output.share(output.todo(image_ids, path_of, "affinity labels"))
-    for image_id in tqdm(shard, desc="affinity labels", disable=not ctx.dist.is_main, dynamic_ncols=True):
-        image = np.asarray(ctx.source.load_image(image_id))
-        cam = load_cam_file(cam_dir / f"{image_id}.npy")
-        labels = confident_label_map(
-            image,
-            cam["high_res"],
-            cam["keys"],
-            low_power=config.low_power,
-            high_power=config.high_power,
-            crf=PSA_CRF if config.crf else None,
-        )
-        save_png(path_of(image_id), palette_image(labels))
-    output.finish_files(image_ids, path_of)
 
 
 def color_jitter(image: Image.Image, strengths: tuple[float, ...], rng: np.random.Generator) -> Image.Image:
@@ -151,20 +109,11 @@ class AffinityCropDataset(Dataset[dict[str, Any]]):
 
 
 @register_stage
-class TrainAff(TrainerStage):
+class TrainAff(RefinerTrainerStage):
     name, order = "train_aff", 50
     help = "PSA AffinityNet: affinity labels from the CAMs (two background powers + CRF), then training"
 
-    reads = ("make_cam",)
-
-    def check(self, ctx: StageContext) -> None:
-        ctx.validate_split(ctx.config.data.train_split, need_labels=True)
-
-    def uses_crf(self, ctx: StageContext) -> bool:
-        return ctx.config.train_aff.crf
-
-    def train_config(self, ctx: StageContext) -> TrainConfig:
-        return ctx.config.train_aff.train
+    method, labels_what = "psa", "affinity labels"
 
     def fingerprint(self, ctx: StageContext) -> dict[str, Any]:
         config = ctx.config.train_aff
@@ -180,14 +129,26 @@ class TrainAff(TrainerStage):
             "labels": self.labels_digest(ctx),
         }
 
-    def labels_digest(self, ctx: StageContext) -> str:
-        make_affinity_labels(ctx, ctx.validate_split(ctx.config.data.train_split, need_labels=True))
-        return output_digest(label_directory(ctx), "train_aff")
+    def label_settings(self, ctx: StageContext) -> dict[str, Any]:
+        config = ctx.config.train_aff
+        crf = PSA_CRF.as_dict() if config.crf else None
+        return {"low_power": config.low_power, "high_power": config.high_power, "crf": crf}
+
+    def labeller(self, ctx: StageContext) -> CamLabeller:
+        config = ctx.config.train_aff
+        crf = PSA_CRF if config.crf else None
+
+        def make_labels(image: np.ndarray, cam: dict[str, np.ndarray]) -> np.ndarray:
+            return confident_label_map(
+                image, cam["high_res"], cam["keys"], config.low_power, config.high_power, crf=crf
+            )
+
+        return make_labels
 
     def build_dataset(self, ctx: StageContext) -> Dataset[dict[str, Any]]:
-        image_ids = ctx.validate_split(ctx.config.data.train_split, need_labels=True)
+        image_ids = self.training_ids(ctx)
         return AffinityCropDataset(
-            ctx.source, image_ids, label_directory(ctx), ctx.config.train_aff, ctx.seed
+            ctx.source, image_ids, self.label_directory(ctx), ctx.config.train_aff, ctx.seed
         )
 
     def build_model(self, ctx: StageContext) -> nn.Module:

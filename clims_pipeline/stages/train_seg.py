@@ -1,4 +1,5 @@
-"""Stage ``train_seg``: DeepLabV2-ResNet-101 (ASPP 6/12/18/24, MSC) trained on the pseudo masks (make_rw).
+"""Stage ``train_seg``: DeepLabV2-ResNet-101 (ASPP 6/12/18/24, MSC) trained on the pseudo masks of the
+refiner that ``refine.method`` chooses (``make_rw``: PSA; ``make_sem_seg``: IRNet).
 
 deeplab-pytorch's VOC configuration as CLIMS used it: batch 10, 30k iterations, lr 2.5e-4 with poly 0.9
 (10x on ASPP), momentum 0.9, weight decay 5e-4, random rescaling by 0.5-1.5, flip, crop 321 (image padded with
@@ -23,7 +24,13 @@ from ..config import TrainConfig, TrainSegConfig
 from ..context import StageContext, register_stage
 from ..data import SegmentationSource
 from ..deeplab import build_deeplab, msc_loss
-from ..label_maps import crop_image_and_labels, pseudo_mask_directory, read_label_png
+from ..label_maps import (
+    crop_image_and_labels,
+    pseudo_mask_directory,
+    read_label_png,
+    sem_seg_mask_directory,
+    training_mask_stage,
+)
 from ..runstate import output_digest
 from ..training import LossFunction, TrainerStage
 
@@ -78,12 +85,10 @@ class SegmentationCropDataset(Dataset[dict[str, Any]]):
 
 
 def training_masks(ctx: StageContext) -> Path | None:
-    source = ctx.config.train_seg.mask_source
-    if source == "make_rw":
-        return pseudo_mask_directory(ctx)
-    if source == "ground_truth":
+    stage = training_mask_stage(ctx)
+    if stage is None:
         return None
-    raise ValueError(f"expected train_seg.mask_source 'make_rw' or 'ground_truth', got {source!r}")
+    return pseudo_mask_directory(ctx) if stage == "make_rw" else sem_seg_mask_directory(ctx)
 
 
 @register_stage
@@ -92,7 +97,8 @@ class TrainSeg(TrainerStage):
     help = "DeepLabV2-ResNet-101 (ASPP, MSC) on the pseudo masks, deeplab-pytorch's VOC settings"
 
     def inputs(self, ctx: StageContext) -> tuple[str, ...]:
-        return () if training_masks(ctx) is None else ("make_rw",)
+        stage = training_mask_stage(ctx)
+        return () if stage is None else (stage,)
 
     def check(self, ctx: StageContext) -> None:
         ctx.validate_split(ctx.config.data.train_split)
@@ -110,7 +116,9 @@ class TrainSeg(TrainerStage):
             "scales": list(config.scales),
             "msc_scales": list(config.msc_scales),
             "train_split": ctx.config.data.train_split,
-            "masks": "ground_truth" if mask_dir is None else output_digest(mask_dir, "make_rw"),
+            "masks": "ground_truth"
+            if mask_dir is None
+            else output_digest(mask_dir, str(training_mask_stage(ctx))),
         }
 
     def build_dataset(self, ctx: StageContext) -> Dataset[dict[str, Any]]:

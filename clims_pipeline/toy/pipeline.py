@@ -24,6 +24,8 @@ TOY_STAGES = (
     "eval_cam",
     "train_aff",
     "make_rw",
+    "train_irn",
+    "make_sem_seg",
     "train_seg",
     "eval_seg",
     "report",

@@ -55,6 +55,8 @@ def apply_toy_preset(config: PipelineConfig) -> None:
     config.train_clims.loss_weights = dict(TOY_LOSS_WEIGHTS)
     config.train_clims.train = dataclasses.replace(config.train_clims.train, max_steps=TOY_CLIMS_STEPS)
     config.eval_seg = dataclasses.replace(config.eval_seg, test_split="")
+    # Both refiners run, so that the main command prints +RW and +IRNet.
+    config.refine = dataclasses.replace(config.refine, compare=True)
 
 
 #: The toy world's loss weights (alpha, beta, gamma, delta) and CLIMS steps, tuned on the train split's

@@ -17,8 +17,10 @@ Class ``k`` has **collapsed** when
 * it has *vanished*: ``positive_mean[k] < fraction * reference[k]``, where ``reference[k]`` is the
   baseline CAM network's ``positive_mean[k]`` measured the same way (``fraction`` defaults to
   `DEFAULT_COLLAPSE_FRACTION` = 0.25: a quarter of the baseline's activation), or
-* it has *flooded*: ``negative_mean[k] > flood_level`` (defaults to `DEFAULT_FLOOD_LEVEL` = 0.5: on
-  images without the class, its map is on average more than half on).
+* it has *flooded*: ``negative_mean[k] > flood_level`` (defaults to `DEFAULT_FLOOD_LEVEL` = 0.6: on
+  images without the class, its map is on average well over half on; a sigmoid map with no opinion,
+  logit 0, sits at 0.5, which is therefore not enough), and, when the baseline's own
+  ``negative_mean[k]`` is known, above that too (a baseline that floods already is no collapse of training).
 
 A class without images containing it (or without images lacking it) gets no verdict of that kind: its
 mean is NaN and the rule does not fire. Activations are accumulated as sums and counts
@@ -60,7 +62,7 @@ __all__ = [
 #: A class has vanished when its mean activation on its images falls below this fraction of the baseline's.
 DEFAULT_COLLAPSE_FRACTION = 0.25
 #: A class has flooded when its mean activation on images without it exceeds this level.
-DEFAULT_FLOOD_LEVEL = 0.5
+DEFAULT_FLOOD_LEVEL = 0.6
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,8 @@ class CollapseCheck:
     """The verdict of `detect_collapse`, per class (every field ``(K,)``, on the CPU).
 
     ``vanished``/``flooded`` say which rule fired; ``collapsed`` is either. ``positive_mean``,
-    ``negative_mean`` and ``reference`` are the values compared (NaN where not measured).
+    ``negative_mean``, ``reference`` and ``reference_negative`` are the values compared (NaN where not
+    measured or not given).
     """
 
     vanished: Tensor
@@ -182,6 +185,7 @@ class CollapseCheck:
     positive_mean: Tensor
     negative_mean: Tensor
     reference: Tensor
+    reference_negative: Tensor
     fraction: float
     flood_level: float
 
@@ -194,11 +198,14 @@ class CollapseCheck:
         names = self._names(class_names)
         return [name for name, hit in zip(names, self.collapsed.tolist(), strict=True) if hit]
 
-    def messages(self, class_names: Sequence[str]) -> list[str]:
-        """One sentence per collapsed class, naming it, the rule and the values."""
+    def messages(self, class_names: Sequence[str], classes: Sequence[int] | None = None) -> list[str]:
+        """One sentence per rule that fired, naming the class, the rule and the values (only for the class
+        indices ``classes`` when given)."""
         names = self._names(class_names)
         lines = []
         for k, name in enumerate(names):
+            if classes is not None and k not in classes:
+                continue
             if self.vanished[k]:
                 lines.append(
                     f"class {name!r} collapsed: mean activation {float(self.positive_mean[k]):.4f} on the "
@@ -206,9 +213,11 @@ class CollapseCheck:
                     f"{float(self.reference[k]):.4f}"
                 )
             if self.flooded[k]:
+                baseline = float(self.reference_negative[k])
                 lines.append(
                     f"class {name!r} floods: mean activation {float(self.negative_mean[k]):.4f} on the "
                     f"images without it, above {self.flood_level:g}"
+                    + ("" if math.isnan(baseline) else f" and the baseline's {baseline:.4f}")
                 )
         return lines
 
@@ -231,8 +240,8 @@ def detect_collapse(
     Args:
         activation: the maps under test, from `class_activation` (summed over any number of batches).
         reference: the baseline's ``(K,)`` mean activation on the images containing each class, or its
-            `ClassActivation` (whose ``positive_mean`` is taken). NaN or ``0`` entries disable the
-            vanishing rule for that class.
+            `ClassActivation` (whose ``positive_mean`` is taken, and whose ``negative_mean`` the flooding
+            rule must also exceed). NaN or ``0`` entries disable the vanishing rule for that class.
         fraction: vanished when ``positive_mean < fraction * reference``; in ``[0, 1]``.
         flood_level: flooded when ``negative_mean > flood_level``; in ``[0, 1]``, or ``None`` to skip
             the flooding rule.
@@ -253,8 +262,11 @@ def detect_collapse(
         flood_level = check_real("flood_level", flood_level, minimum=0.0)
         if flood_level > 1.0:
             raise ValueError(f"expected flood_level in [0, 1] or None, got {flood_level!r}")
+    reference_negative = torch.full((activation.num_classes,), math.nan, dtype=torch.float64)
     if isinstance(reference, ClassActivation):
         reference_mean = reference.positive_mean
+        if reference.num_classes == activation.num_classes:
+            reference_negative = reference.negative_mean.detach().to("cpu", torch.float64)
     elif isinstance(reference, Tensor):
         reference_mean = reference
     elif isinstance(reference, Sequence) and not isinstance(reference, (str, bytes)):
@@ -275,7 +287,9 @@ def detect_collapse(
     # Comparisons with NaN are False: an unmeasured class never collapses.
     vanished = (reference_mean > 0) & (positive < fraction * reference_mean)
     flooded = (
-        negative > flood_level if flood_level is not None else torch.zeros_like(negative, dtype=torch.bool)
+        (negative > flood_level) & ~(negative <= reference_negative)  # NaN baseline: the level alone
+        if flood_level is not None
+        else torch.zeros_like(negative, dtype=torch.bool)
     )
     return CollapseCheck(
         vanished=vanished,
@@ -283,6 +297,7 @@ def detect_collapse(
         positive_mean=positive,
         negative_mean=negative,
         reference=reference_mean,
+        reference_negative=reference_negative,
         fraction=fraction,
         flood_level=math.nan if flood_level is None else flood_level,
     )

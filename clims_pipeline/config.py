@@ -85,6 +85,20 @@ class TrainConfig:
 
 
 @dataclass
+class CollapseAlarmConfig:
+    """``train_clims``'s collapse alarm (docs/readiness.md): the rule of ``clims_loss.detect_collapse``,
+    checked every step over the last ``train.log_every`` steps. It changes no weight, so it is not in the
+    fingerprint."""
+
+    enabled: bool = True
+    fraction: float = 0.25  # vanished: mean activation on the class's images < fraction x the baseline's
+    flood_level: float = (
+        0.6  # flooded: mean activation on images without the class > this (and the baseline's)
+    )
+    reference_images: int = 8  # the baseline's activation is measured on up to this many images per class
+
+
+@dataclass
 class ClimsConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=2.5e-4))
     prompts: str = "voc"
@@ -94,6 +108,7 @@ class ClimsConfig:
     clip_config: str = ""  # an extra open_clip model-config JSON; its file stem becomes a model name
     # Background prompts: "preset" (the variant's), "mined" (stage mine_backgrounds' file) or a registry JSON.
     backgrounds: str = "preset"
+    collapse_alarm: CollapseAlarmConfig = field(default_factory=CollapseAlarmConfig)
 
 
 @dataclass

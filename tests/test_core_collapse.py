@@ -61,6 +61,16 @@ def test_flooding_is_activation_on_images_without_the_class() -> None:
     ).flooded.any()
 
 
+def test_a_baseline_that_floods_already_is_no_collapse() -> None:
+    labels = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    baseline = cl.class_activation(_maps([[0.9, 0.7], [0.9, 0.9]]), labels)  # class 1 floods image 0 already
+    same = cl.detect_collapse(cl.class_activation(_maps([[0.9, 0.65], [0.9, 0.9]]), labels), baseline)
+    assert not same.flooded.any()
+    worse = cl.detect_collapse(cl.class_activation(_maps([[0.9, 0.8], [0.9, 0.9]]), labels), baseline)
+    assert worse.flooded.tolist() == [False, True]
+    assert worse.messages(["cat", "dog"])[0].endswith("above 0.6 and the baseline's 0.7000")
+
+
 def test_messages_name_the_class_the_value_and_the_reference() -> None:
     check = cl.detect_collapse(cl.class_activation(_maps([[0.01]]), torch.ones(1, 1)), [0.4])
     assert check.messages(["boat"]) == [

@@ -32,7 +32,7 @@ from .networks import BACKBONES
 from .plugins import load_plugins
 from .runstate import changed_fields, describe_changes
 
-DEFAULT_STAGES = ("train_cam", "train_clims", "make_cam", "eval_cam")
+DEFAULT_STAGES = ("train_cam", "check_clip", "train_clims", "make_cam", "eval_cam")
 
 
 def build_parser() -> argparse.ArgumentParser:

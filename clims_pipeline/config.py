@@ -149,6 +149,17 @@ class ClipTrainConfig:
 
 
 @dataclass
+class CheckClipConfig:
+    """Stage ``check_clip``: the CLIP readiness report before CLIMS training (docs/readiness.md)."""
+
+    max_images: int | None = 300  # a seeded random subset of the training split; None = all of it
+    margin: float = 0.0  # flag a view scoring above (foreground - margin)
+    min_separation: float = 0.5  # flag a class among its images' top-n classes on fewer than this share
+    batch_size: int = 8  # images per CAM forward (images of one size go together)
+    stop_if_at_risk: bool = False  # stop the pipeline after writing the report when a class is at risk
+
+
+@dataclass
 class MakeCamConfig:
     scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
     flip: bool = True
@@ -245,6 +256,7 @@ class PipelineConfig:
     train_clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
     mine_backgrounds: MineBackgroundsConfig = field(default_factory=MineBackgroundsConfig)
     train_clims: ClimsConfig = field(default_factory=ClimsConfig)
+    check_clip: CheckClipConfig = field(default_factory=CheckClipConfig)
     make_cam: MakeCamConfig = field(default_factory=MakeCamConfig)
     eval_cam: EvalCamConfig = field(default_factory=EvalCamConfig)
     train_aff: TrainAffConfig = field(default_factory=TrainAffConfig)

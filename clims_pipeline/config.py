@@ -176,6 +176,7 @@ class EvalCamConfig:
     threshold_step: float = 0.01
     reference_threshold: float = 0.15  # the official repository's fixed background threshold, reported too
     overlays: int = 16
+    overlay_size: int = 192  # height in pixels of each picture in the overlays (small images are enlarged)
 
 
 @dataclass

@@ -38,9 +38,7 @@ from torch import Tensor
 
 from clims_loss._validation import (
     binary_check,
-    check_floating,
-    check_map_size,
-    check_rank,
+    check_maps_and_labels,
     check_real,
     check_same_device,
     check_strings,
@@ -144,17 +142,7 @@ def class_activation(cams: Tensor, labels: Tensor, *, validate: bool = True) -> 
     >>> activation.positive_mean.tolist(), activation.negative_mean.tolist()
     ([1.0, 0.5], [0.0, 0.0])
     """
-    cams = check_tensor("cams", cams)
-    labels = check_tensor("labels", labels)
-    check_rank("cams", cams, 4, "(B, K, h, w)")
-    check_rank("labels", labels, 2, "(B, K)")
-    check_floating("cams", cams)
-    check_map_size("cams", cams)
-    if labels.shape != cams.shape[:2]:
-        raise ValueError(
-            f"expected cams of shape (B, K, h, w) matching labels (B, K) = {tuple(labels.shape)}, "
-            f"got {tuple(cams.shape)}"
-        )
+    cams, labels = check_maps_and_labels(cams, labels)
     check_same_device(cams=cams, labels=labels)
     if validate:
         check_values(

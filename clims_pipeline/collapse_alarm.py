@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 import clims_loss as cl
 
@@ -59,18 +60,19 @@ def reference_indices(labels: Sequence[Any], per_class: int) -> list[int]:
 @torch.no_grad()
 def baseline_activation(
     network: nn.Module,
-    samples: Sequence[dict[str, Any]],
+    dataset: Dataset[dict[str, Any]],
+    keys: Sequence[Any],
     num_classes: int,
     batch_size: int,
     device: torch.device,
 ) -> cl.ClassActivation:
-    """The per-class activation of ``network``'s forward maps (``(B, K, h, w)`` in ``[0, 1]``) on the
-    samples (``{"image", "label"}``), summed over every process."""
+    """The per-class activation of ``network``'s forward maps (``(B, K, h, w)`` in ``[0, 1]``) on the samples
+    ``dataset[key]`` (``{"image", "label"}``, loaded a batch at a time), summed over every process."""
     was_training = network.training
     network.eval()
     total = cl.ClassActivation.zeros(num_classes, device)
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
+    for start in range(0, len(keys), batch_size):
+        chunk = [dataset[key] for key in keys[start : start + batch_size]]
         images = torch.stack([sample["image"] for sample in chunk]).to(device)
         labels = torch.stack([sample["label"] for sample in chunk]).to(device)
         total = total + cl.class_activation(network(images).float(), labels, validate=False)

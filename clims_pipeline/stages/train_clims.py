@@ -50,10 +50,10 @@ def collapse_alarm(ctx: StageContext) -> CollapseAlarm | None:
     indices = reference_indices(dataset.labels, config.reference_images)
     baseline = build_network("clims", ctx.config.network.backbone, "none", ctx.source.num_classes)
     load_final_model(final_model_path(ctx, "train_cam"), baseline)  # the CLIMS network's starting point
-    samples = [dataset[(0, index)] for index in indices[ctx.dist.rank :: ctx.dist.world_size]]
+    keys = [(0, index) for index in indices[ctx.dist.rank :: ctx.dist.world_size]]  # epoch-0 crops
     train = ctx.config.train_clims.train
     reference = baseline_activation(
-        baseline.to(ctx.device), samples, ctx.source.num_classes, train.batch_size, ctx.device
+        baseline.to(ctx.device), dataset, keys, ctx.source.num_classes, train.batch_size, ctx.device
     )
     names = ctx.source.class_names
     ctx.logger("train_clims").log(

@@ -163,6 +163,22 @@ def check_map_size(name: str, value: Tensor, layout: str = "(B, K, h, w)") -> No
         )
 
 
+def check_maps_and_labels(cams: object, labels: object) -> tuple[Tensor, Tensor]:
+    """``(B, K, h, w)`` floating maps with both sides >= 1 and ``(B, K)`` labels of the same ``B, K``."""
+    cams = check_tensor("cams", cams)
+    labels = check_tensor("labels", labels)
+    check_rank("cams", cams, 4, "(B, K, h, w)")
+    check_rank("labels", labels, 2, "(B, K)")
+    check_floating("cams", cams)
+    check_map_size("cams", cams)
+    if labels.shape != cams.shape[:2]:
+        raise ValueError(
+            f"expected cams of shape (B, K, h, w) matching labels (B, K) = {tuple(labels.shape)}, "
+            f"got {tuple(cams.shape)}"
+        )
+    return cams, labels
+
+
 def check_same_device(**tensors: Tensor | None) -> None:
     present = {name: t for name, t in tensors.items() if t is not None}
     devices = {t.device for t in present.values()}

@@ -37,6 +37,7 @@ from clims_loss._validation import (
     check_choice,
     check_floating,
     check_map_size,
+    check_maps_and_labels,
     check_positive_int,
     check_rank,
     check_same_device,
@@ -100,24 +101,14 @@ def check_evaluator_inputs(
     ``extra`` value checks join the same pending read (one host-device sync for all).
     """
     images = check_tensor("images", images)
-    cams = check_tensor("cams", cams)
-    labels = check_tensor("labels", labels)
     check_rank("images", images, 4, "(B, 3, H, W)")
-    check_rank("cams", cams, 4, "(B, K, h, w)")
-    check_rank("labels", labels, 2, "(B, K)")
     if images.shape[1] != 3:
         raise ValueError(
             f"expected images of shape (B, 3, H, W) with 3 RGB channels, got {tuple(images.shape)}"
         )
     check_floating("images", images)
-    check_floating("cams", cams)
     check_map_size("images", images, "(B, 3, H, W)")
-    check_map_size("cams", cams)
-    if labels.shape != cams.shape[:2]:
-        raise ValueError(
-            f"expected cams of shape (B, K, h, w) matching labels (B, K) = {tuple(labels.shape)}, "
-            f"got {tuple(cams.shape)}"
-        )
+    cams, labels = check_maps_and_labels(cams, labels)
     if images.shape[0] != labels.shape[0]:
         raise ValueError(
             f"expected images of shape (B, 3, H, W) with B = {labels.shape[0]} as labels, "

@@ -42,7 +42,7 @@ from .plugins import load_plugins
 from .runstate import changed_fields, describe_changes
 from .simple_layout import LABEL_FILES
 
-DEFAULT_STAGES = ("train_cam", "train_clims", "make_cam", "eval_cam")
+DEFAULT_STAGES = ("train_cam", "check_clip", "train_clims", "make_cam", "eval_cam")
 
 
 def build_parser() -> argparse.ArgumentParser:

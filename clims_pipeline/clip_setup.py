@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import open_clip
 import torch
 
@@ -264,3 +265,14 @@ def build_evaluator(ctx: StageContext, registry: cl.BackgroundPromptRegistry) ->
         image_mean=cl.IMAGENET_MEAN,  # how the pipeline normalises its images
         image_std=cl.IMAGENET_STD,
     )
+
+
+def seeded_subset(image_ids: list[str], max_images: int | None, seed: int, setting: str) -> list[str]:
+    """A seeded random subset of ``max_images`` ids in list order (all of them for None); ``setting`` names
+    the option in the error for a value below 1."""
+    if max_images is None or max_images >= len(image_ids):
+        return image_ids
+    if max_images < 1:
+        raise ValueError(f"{setting}: expected >= 1 or null, got {max_images}")
+    chosen = np.random.default_rng(seed).choice(len(image_ids), size=max_images, replace=False)
+    return [image_ids[i] for i in sorted(chosen)]

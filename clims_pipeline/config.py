@@ -110,6 +110,20 @@ class TrainConfig:
 
 
 @dataclass
+class CollapseAlarmConfig:
+    """``train_clims``'s collapse alarm (docs/readiness.md): the rule of ``clims_loss.detect_collapse``,
+    checked every step over the last ``train.log_every`` steps. It changes no weight, so it is not in the
+    fingerprint."""
+
+    enabled: bool = True
+    fraction: float = 0.25  # vanished: mean activation on the class's images < fraction x the baseline's
+    flood_level: float = (
+        0.6  # flooded: mean activation on images without the class > this (and the baseline's)
+    )
+    reference_images: int = 8  # the baseline's activation is measured on up to this many images per class
+
+
+@dataclass
 class ClimsConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=2.5e-4))
     # The prompt registry: a clims_loss.BackgroundPromptRegistry preset name, a registry JSON file, or
@@ -130,6 +144,7 @@ class ClimsConfig:
     pair_reduction: str = ""  # "mean" or "sum" of OTM and BTM over pairs
     reg_positive_only: bool | None = None  # REG over the present classes' maps only (else all B x K maps)
     masking: str = ""  # "pixel" or "pass_through"
+    collapse_alarm: CollapseAlarmConfig = field(default_factory=CollapseAlarmConfig)
 
 
 @dataclass
@@ -170,6 +185,17 @@ class ClipTrainConfig:
 
 
 @dataclass
+class CheckClipConfig:
+    """Stage ``check_clip``: the CLIP readiness report before CLIMS training (docs/readiness.md)."""
+
+    max_images: int | None = 300  # a seeded random subset of the training split; None = all of it
+    margin: float = 0.0  # flag a view scoring above (foreground - margin)
+    min_separation: float = 0.5  # flag a class among its images' top-n classes on fewer than this share
+    batch_size: int = 8  # images per CAM forward (images of one size go together)
+    stop_if_at_risk: bool = False  # stop the pipeline after writing the report when a class is at risk
+
+
+@dataclass
 class MakeCamConfig:
     scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
     flip: bool = True
@@ -188,6 +214,7 @@ class EvalCamConfig:
     threshold_step: float = 0.01
     reference_threshold: float = 0.15  # the official repository's fixed background threshold, reported too
     overlays: int = 16
+    overlay_size: int = 192  # height in pixels of each picture in the overlays (small images are enlarged)
 
 
 @dataclass
@@ -307,6 +334,7 @@ class PipelineConfig:
     train_clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
     mine_backgrounds: MineBackgroundsConfig = field(default_factory=MineBackgroundsConfig)
     train_clims: ClimsConfig = field(default_factory=ClimsConfig)
+    check_clip: CheckClipConfig = field(default_factory=CheckClipConfig)
     make_cam: MakeCamConfig = field(default_factory=MakeCamConfig)
     eval_cam: EvalCamConfig = field(default_factory=EvalCamConfig)
     train_aff: TrainAffConfig = field(default_factory=TrainAffConfig)

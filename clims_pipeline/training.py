@@ -36,6 +36,8 @@ from .runstate import StageOutput, output_digest, verify_file
 
 #: loss_fn(model, batch) -> (scalar loss, {name: scalar tensor} for logging)
 LossFunction = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+#: after_step(step, total_steps): called on every process after each optimisation step (``step`` 1-based)
+StepHook = Callable[[int, int], None]
 
 
 def learning_rate_factor(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -199,6 +201,7 @@ def train_network(
     dataset: Dataset[dict[str, Any]],
     config: TrainConfig,
     loss_fn: LossFunction,
+    after_step: StepHook | None = None,
 ) -> Path:
     """Train ``model`` on ``dataset`` into ``output`` (``model.pt``); resume from its ``checkpoint.pt``.
 
@@ -314,6 +317,8 @@ def train_network(
                 epoch_batches += 1
                 progress.update(1)
                 running.add({"loss": loss, **parts})
+                if after_step is not None:
+                    after_step(step, total_steps)
                 count = running.due(step, total_steps)
                 if count:
                     averaged = _average_over_ranks(running.take(), count, ctx.device)
@@ -424,6 +429,10 @@ class TrainerStage(Stage):
     def loss_function(self, ctx: StageContext, model: nn.Module) -> LossFunction:
         raise NotImplementedError
 
+    def after_step(self, ctx: StageContext) -> StepHook | None:
+        """What to call after every step of this run (asked after ``loss_function``); None: nothing."""
+        return None
+
     def output(self, ctx: StageContext) -> StageOutput:
         fingerprint = {
             "train": train_fingerprint(self.train_config(ctx)),
@@ -439,7 +448,8 @@ class TrainerStage(Stage):
         dataset = self.build_dataset(ctx)
         model = self.build_model(ctx)
         loss_fn = self.loss_function(ctx, model)
-        train_network(ctx, output, model, dataset, self.train_config(ctx), loss_fn)  # type: ignore[arg-type]
+        config, after_step = self.train_config(ctx), self.after_step(ctx)
+        train_network(ctx, output, model, dataset, config, loss_fn, after_step)  # type: ignore[arg-type]
 
 
 def train_fingerprint(config: TrainConfig) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Stage modules. Importing this package registers every stage (see ``clims_pipeline.context``)."""
 
 from . import (  # noqa: F401
+    check_clip,
     eval_cam,
     eval_seg,
     make_cam,

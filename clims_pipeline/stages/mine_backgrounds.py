@@ -36,6 +36,7 @@ from ..clip_setup import (
     load_clip,
     registry_identity,
     resolve_clip_pretrained,
+    seeded_subset,
 )
 from ..context import Stage, StageContext, register_stage
 from ..data import SegmentationSource, multi_hot
@@ -92,15 +93,6 @@ class ClipImages(Dataset[torch.Tensor]):
         resized = image.resize((self.size, self.size), Image.Resampling.BILINEAR)
         pixels = torch.from_numpy(np.array(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
         return (pixels - self.mean) / self.std
-
-
-def _select_ids(image_ids: list[str], max_images: int | None, seed: int) -> list[str]:
-    if max_images is None or max_images >= len(image_ids):
-        return image_ids
-    if max_images < 1:
-        raise ValueError(f"mine_backgrounds.max_images: expected >= 1 or null, got {max_images}")
-    chosen = np.random.default_rng(seed).choice(len(image_ids), size=max_images, replace=False)
-    return [image_ids[i] for i in sorted(chosen)]
 
 
 def _settings(ctx: StageContext, terms: list[str]) -> dict[str, Any]:
@@ -215,8 +207,11 @@ def mine(ctx: StageContext) -> None:
     output.begin()
 
     split = ctx.config.data.train_split
-    image_ids = _select_ids(
-        ctx.validate_split(split, need_labels=True), ctx.config.mine_backgrounds.max_images, ctx.seed
+    image_ids = seeded_subset(
+        ctx.validate_split(split, need_labels=True),
+        ctx.config.mine_backgrounds.max_images,
+        ctx.seed,
+        "mine_backgrounds.max_images",
     )
     labels = ctx.labels(split)  # every rank: it synchronises the label cache
     if ctx.dist.is_main:

@@ -23,13 +23,16 @@ from ..clip_setup import (
     registry_identity,
     resolve_backgrounds,
 )
+from ..collapse_alarm import CollapseAlarm, baseline_activation, check_alarm_settings, reference_indices
 from ..config import TrainConfig
 from ..context import StageContext, register_stage
 from ..distributed import all_reduce_sum
 from ..networks import build_network
 from ..training import (
     LossFunction,
+    StepHook,
     TrainerStage,
+    build_train_dataset,
     check_training_data,
     data_fingerprint,
     final_model_path,
@@ -44,15 +47,40 @@ def registry(ctx: StageContext) -> cl.BackgroundPromptRegistry:
     return prompts
 
 
+def collapse_alarm(ctx: StageContext) -> CollapseAlarm | None:
+    """This run's alarm (docs/readiness.md), with the baseline's activation measured now; None when off."""
+    config = ctx.config.train_clims.collapse_alarm
+    if not config.enabled:
+        return None
+    dataset = build_train_dataset(ctx)
+    indices = reference_indices(dataset.labels, config.reference_images)
+    baseline = build_network("clims", ctx.config.network.backbone, "none", ctx.source.num_classes)
+    load_final_model(final_model_path(ctx, "train_cam"), baseline)  # the CLIMS network's starting point
+    keys = [(0, index) for index in indices[ctx.dist.rank :: ctx.dist.world_size]]  # epoch-0 crops
+    train = ctx.config.train_clims.train
+    reference = baseline_activation(
+        baseline.to(ctx.device), dataset, keys, ctx.source.num_classes, train.batch_size, ctx.device
+    )
+    names = ctx.source.class_names
+    ctx.logger("train_clims").log(
+        "collapse_reference",
+        images=len(indices),
+        positive={n: round(float(v), 6) for n, v in zip(names, reference.positive_mean, strict=True)},
+    )
+    return CollapseAlarm(names, reference, config, train.log_every, ctx.logger("train_clims"), ctx.print)
+
+
 @register_stage
 class TrainClims(TrainerStage):
     name, order, help = "train_clims", 20, "train the CLIMS network with the CLIP text-driven evaluator"
+    _alarm: CollapseAlarm | None = None
 
     def inputs(self, ctx: StageContext) -> tuple[str, ...]:
         return ("train_cam", *clip_inputs(ctx))
 
     def check(self, ctx: StageContext) -> None:
         check_training_data(ctx)
+        check_alarm_settings(ctx.config.train_clims.collapse_alarm)
         # A missing or invalid --backgrounds file stops the run before any training (a mined file may still
         # be written by stage mine_backgrounds in this run).
         prompts, _ = resolve_backgrounds(ctx, must_exist="mine_backgrounds" not in ctx.requested_stages)
@@ -117,13 +145,19 @@ class TrainClims(TrainerStage):
             clip_pretrained=ctx.config.train_clims.clip_pretrained,
         )
         world_size = ctx.dist.world_size
+        alarm = self._alarm = collapse_alarm(ctx)
 
         def clims_loss(
             network: nn.Module, batch: dict[str, torch.Tensor]
         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             maps = network(batch["image"]).float()
+            if alarm is not None:
+                alarm.observe(maps, batch["label"])
             out = evaluator(batch["image"], maps, batch["label"])
             loss = cl.data_parallel_loss(out, evaluator, world_size, all_reduce_sum)
             return loss, {"otm": out.otm, "btm": out.btm, "cbs": out.cbs, "reg": out.reg}
 
         return clims_loss
+
+    def after_step(self, ctx: StageContext) -> StepHook | None:
+        return None if self._alarm is None else self._alarm.after_step

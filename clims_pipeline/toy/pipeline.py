@@ -19,6 +19,7 @@ DEFAULT_TOY_WORKDIR = "runs/toyworld"
 TOY_STAGES = (
     "train_clip",
     "train_cam",
+    "check_clip",
     "train_clims",
     "make_cam",
     "eval_cam",

@@ -34,14 +34,18 @@ def check_results(workdir: Path) -> None:
         assert results[key]["split"] == "val"
         assert set(results[key]["per_class"]) == {"background", "ball", "box", "kite"}
         assert 0.0 <= results[key]["miou"] <= 100.0
+    readiness = json.loads((workdir / "check_clip" / "readiness.json").read_text(encoding="utf-8"))
+    assert len(readiness["classes"]) == 3 and isinstance(readiness["at_risk"], list)
 
 
-def test_the_page_starts_with_the_demo_and_keeps_a_place_for_the_clip_check() -> None:
+def test_the_page_starts_with_the_demo_and_checks_the_clip_before_clims() -> None:
     commands = page_commands()
     assert commands[0] == "python -m clims_pipeline.demo_data demo"
     assert all(c.split()[0] in ("python", "clims-pipeline", "cat") for c in commands)
-    assert "<!-- CHECK-YOUR-CLIP" in PAGE
-    assert PAGE.index("## 4. Check your CLIP") < PAGE.index("## 6. CLIMS")
+    check = next(i for i, c in enumerate(commands) if c.endswith("--stages check_clip"))
+    clims = next(i for i, c in enumerate(commands) if "--stages train_clims" in c)
+    baseline = next(i for i, c in enumerate(commands) if "--stages train_cam" in c)
+    assert baseline < check < clims
 
 
 def test_page_commands_run_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

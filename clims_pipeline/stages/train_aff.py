@@ -33,7 +33,6 @@ from ..data import SegmentationSource, random_rescale_long_side
 from ..files import save_png
 from ..label_maps import crop_image_and_labels, palette_image, read_label_png
 from ..random_walk import (
-    FEATURE_STRIDE,
     affinity_loss,
     build_affinity_net,
     confident_label_map,
@@ -53,15 +52,28 @@ def label_directory(ctx: StageContext) -> Path:
 
 
 def make_affinity_labels(ctx: StageContext, image_ids: list[str]) -> None:
-    """The confident affinity labels of every image, resumable and sharded over ranks."""
+    """The confident affinity labels of every image, resumable and sharded over ranks.
+
+    With ``train_aff.label_source = "ground_truth"`` they are the dataset's masks instead (void 255 stays
+    ignored): an oracle check of how well AffinityNet learns when its labels have no noise.
+    """
     config = ctx.config.train_aff
+    if config.label_source not in ("cams", "ground_truth"):
+        raise ValueError(
+            f"expected train_aff.label_source 'cams' or 'ground_truth', got {config.label_source!r}"
+        )
+    from_masks = config.label_source == "ground_truth"
     cam_dir = cam_directory(ctx)
-    fingerprint = {
-        "cams": cam_digest(ctx),
-        "low_power": config.low_power,
-        "high_power": config.high_power,
-        "crf": PSA_CRF.as_dict() if config.crf else None,
-    }
+    fingerprint: dict[str, Any] = (
+        {"ground_truth": ctx.config.data.train_split}
+        if from_masks
+        else {
+            "cams": cam_digest(ctx),
+            "low_power": config.low_power,
+            "high_power": config.high_power,
+            "crf": PSA_CRF.as_dict() if config.crf else None,
+        }
+    )
     output = ctx.output("train_aff", label_directory(ctx), fingerprint)
     if output.is_current():
         return
@@ -72,6 +84,9 @@ def make_affinity_labels(ctx: StageContext, image_ids: list[str]) -> None:
 
     shard = output.share(output.todo(image_ids, path_of, "affinity labels"))
     for image_id in tqdm(shard, desc="affinity labels", disable=not ctx.dist.is_main, dynamic_ncols=True):
+        if from_masks:
+            save_png(path_of(image_id), palette_image(ctx.source.load_mask(image_id)))
+            continue
         image = np.asarray(ctx.source.load_image(image_id))
         cam = load_cam_file(cam_dir / f"{image_id}.npy")
         labels = confident_label_map(
@@ -113,9 +128,10 @@ class AffinityCropDataset(Dataset[dict[str, Any]]):
         config: TrainAffConfig,
         seed: int,
     ):
-        if config.crop_size % FEATURE_STRIDE:
+        if config.crop_size % config.feature_stride:
             raise ValueError(
-                f"train_aff.crop_size must be a multiple of {FEATURE_STRIDE}, got {config.crop_size}"
+                f"train_aff.crop_size must be a multiple of train_aff.feature_stride "
+                f"({config.feature_stride}), got {config.crop_size}"
             )
         self.source = source
         self.image_ids = list(image_ids)
@@ -144,9 +160,8 @@ class AffinityCropDataset(Dataset[dict[str, Any]]):
             )
         image = color_jitter(image, tuple(self.config.color_jitter), rng)
         crop, crop_labels = crop_image_and_labels(image, np.asarray(labels), self.config.crop_size, rng)
-        grid_labels = downsample_labels(torch.from_numpy(crop_labels)[None], FEATURE_STRIDE, self.num_labels)[
-            0
-        ]
+        stride = self.config.feature_stride
+        grid_labels = downsample_labels(torch.from_numpy(crop_labels)[None], stride, self.num_labels)[0]
         return {"image": torch.from_numpy(crop), "label": grid_labels, "index": index}
 
 
@@ -175,6 +190,7 @@ class TrainAff(TrainerStage):
             "resize_long": list(config.resize_long),
             "color_jitter": list(config.color_jitter),
             "radius": config.radius,
+            "feature_stride": config.feature_stride,
             "train_split": ctx.config.data.train_split,
             # The labels' digest covers the CAMs, the powers and the CRF.
             "labels": self.labels_digest(ctx),
@@ -192,7 +208,8 @@ class TrainAff(TrainerStage):
 
     def build_model(self, ctx: StageContext) -> nn.Module:
         torch.manual_seed(ctx.seed)  # the same head init on every rank and every rerun
-        return build_affinity_net(ctx.config.train_aff.backbone, ctx.config.train_aff.weights)
+        config = ctx.config.train_aff
+        return build_affinity_net(config.backbone, config.weights, config.feature_stride)
 
     def loss_function(self, ctx: StageContext, model: nn.Module) -> LossFunction:
         offsets = pair_offsets(ctx.config.train_aff.radius)

@@ -1,0 +1,80 @@
+"""Oracle checks of the refinement stages: the random walk with ground-truth affinities, AffinityNet's
+output strides, ground-truth affinity labels; and (slow) the oracle benchmark's floors on a toy run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from clims_pipeline.config import MakeRWConfig
+from clims_pipeline.random_walk import (
+    AffinityNet,
+    build_affinity_net,
+    ground_truth_affinity_features,
+    pair_affinities,
+    pair_offsets,
+    random_walk_labels,
+)
+
+
+def square_mask(size: int = 32, top: int = 8, side: int = 16, label: int = 2) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[top : top + side, top : top + side] = label
+    return mask
+
+
+@pytest.mark.parametrize("stride", [4, 8])
+def test_ground_truth_affinities_are_one_inside_a_label_and_small_across(stride: int) -> None:
+    mask = square_mask()
+    features = ground_truth_affinity_features(mask, num_labels=3, stride=stride, contrast=5.0)
+    assert features.shape == (3, 32 // stride, 32 // stride)
+    affinity = pair_affinities(features[None], [(0, 1)])[0, 0]
+    inside = 8 // stride  # first object node; the node before it is background
+    assert affinity[inside + 1, inside].item() == pytest.approx(1.0)  # object - object
+    assert affinity[0, 0].item() == pytest.approx(1.0)  # background - background
+    assert affinity[inside, inside - 1].item() == pytest.approx(math.exp(-10.0), rel=1e-4)  # across
+
+
+def test_ground_truth_affinities_leave_void_out_and_check_labels() -> None:
+    mask = square_mask()
+    mask[8:16, 8:16] = 255  # a void block inside the object: its node takes no label
+    features = ground_truth_affinity_features(mask, num_labels=3, stride=8)
+    assert features[:, 1, 1].sum().item() == 0.0
+    with pytest.raises(ValueError, match="num_labels=3"):
+        ground_truth_affinity_features(square_mask(label=5), num_labels=3)
+
+
+@pytest.mark.parametrize("stride", [4, 8])
+def test_a_walk_with_ground_truth_affinities_fills_the_object_from_a_corner_of_its_cam(stride: int) -> None:
+    """The oracle's premise: with correct affinities the walk spreads a CAM that covers a quarter of the
+    object over the whole object and not beyond (grid-aligned object, so no block is mixed)."""
+    mask = square_mask()
+    cams = np.zeros((1, 32, 32), dtype=np.float32)
+    cams[0, 8:16, 8:16] = 1.0  # the object's top-left quarter
+    features = ground_truth_affinity_features(mask, num_labels=3, stride=stride)
+    config = MakeRWConfig(beta=10.0, exponent=6, background_power=16.0, radius=3, crf=False)
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    labels = random_walk_labels(image, cams, np.array([1]), features, config, stride)
+    assert (labels == mask).all()
+    cam_alone = np.where(cams[0] > 0.5, 2, 0)
+    assert (cam_alone != mask).sum() == 16 * 16 - 8 * 8  # the CAM alone misses three quarters
+
+
+def test_tiny_affinity_net_at_stride_4_and_8() -> None:
+    images = torch.randn(2, 3, 64, 48)
+    assert build_affinity_net("tiny", "none", 4)(images).shape[-2:] == (16, 12)
+    assert build_affinity_net("tiny", "none")(images).shape[-2:] == (8, 6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        build_affinity_net("tiny", "none", 4)(torch.randn(1, 3, 62, 64))
+    with pytest.raises(ValueError, match="feature_stride=4"):
+        AffinityNet("resnet50", "none", stride=4)
+    with pytest.raises(ValueError, match="feature_stride=2"):
+        build_affinity_net("tiny", "none", 2)
+
+
+def test_pair_offsets_are_the_same_on_any_grid() -> None:
+    """The radius counts grid nodes: at stride 4 it spans half the pixels it spans at stride 8."""
+    assert len(pair_offsets(5)) == 34

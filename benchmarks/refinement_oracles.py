@@ -98,11 +98,15 @@ def grid_ceiling(mask: np.ndarray, num_labels: int, stride: int) -> np.ndarray:
     return upsampled[0, :, : mask.shape[0], : mask.shape[1]].argmax(dim=0).numpy().astype(np.uint8)
 
 
+CamLoader = Callable[[str], dict[str, np.ndarray]]
+
+
 def walk_oracle_rows(
-    config: PipelineConfig, source: SegmentationSource, cam_dir: Path, image_ids: Sequence[str]
+    config: PipelineConfig, source: SegmentationSource, load_cams: CamLoader, image_ids: Sequence[str]
 ) -> list[tuple[str, float, str]]:
     """Grid ceiling, and per degradation: CAM mIoU (best background threshold) and the walk with ground-truth
-    affinities (the run's make_rw settings)."""
+    affinities (the run's make_rw settings). ``load_cams(image_id)`` gives make_cam's ``high_res`` and
+    ``keys`` of an image."""
     num_labels = source.num_classes + 1
     stride = config.train_aff.feature_stride
     sweeps = {name: ThresholdSweep(num_labels, THRESHOLDS, void_label=VOID_LABEL) for name in DEGRADATIONS}
@@ -111,7 +115,7 @@ def walk_oracle_rows(
     for image_id in image_ids:
         mask = source.load_mask(image_id)
         image = np.asarray(source.load_image(image_id))
-        cam = load_cam_file(cam_dir / f"{image_id}.npy")
+        cam = load_cams(image_id)
         features = ground_truth_affinity_features(mask, num_labels, stride)
         ceiling += confusion_matrix(mask, grid_ceiling(mask, num_labels, stride), num_labels, VOID_LABEL)
         for name, degrade in DEGRADATIONS.items():
@@ -254,7 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     image_ids = source.ids(args.split)
     walk_ids = image_ids[: args.images] if args.images else image_ids
     results = json.loads((run / "results.json").read_text())
-    rows = walk_oracle_rows(config, source, run / "make_cam" / resolve_run_cam_source(run), walk_ids)
+    cam_dir = run / "make_cam" / resolve_run_cam_source(run)
+    rows = walk_oracle_rows(
+        config, source, lambda image_id: load_cam_file(cam_dir / f"{image_id}.npy"), walk_ids
+    )
     if not args.skip_training:
         out = args.out.resolve()
         rows += affinity_oracle_rows(run, out, config, source, image_ids)

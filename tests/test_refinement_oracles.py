@@ -3,7 +3,11 @@ output strides, ground-truth affinity labels; and (slow) the oracle benchmark's 
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -78,3 +82,60 @@ def test_tiny_affinity_net_at_stride_4_and_8() -> None:
 def test_pair_offsets_are_the_same_on_any_grid() -> None:
     """The radius counts grid nodes: at stride 4 it spans half the pixels it spans at stride 8."""
     assert len(pair_offsets(5)) == 34
+
+
+# ------------------------------------------------------------------------------------------------------
+# slow: the oracle benchmark's walk rows on a generated toy world, with CAMs made from the masks
+
+
+BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "refinement_oracles.py"
+
+
+def load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("refinement_oracles", BENCH_PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stride", [8, 4])
+def test_walk_oracle_recovers_degraded_cams_on_the_toy_world(tmp_path: Path, stride: int) -> None:
+    """CAMs that are the masks blurred by 3 px (peaks 1) then degraded by the benchmark (blur, erosion,
+    shift): the walk with ground-truth affinities must gain on every one, and the grid ceiling must show the
+    stride's resolution limit. Floors from the toy world (60 images), with margin."""
+    from clims_pipeline.config import build_config
+    from clims_pipeline.data import build_source
+    from clims_pipeline.plugins import load_plugins
+    from clims_pipeline.toy.world import generate_toy_world
+
+    load_plugins()
+    bench = load_bench()
+    root = tmp_path / "toyworld"
+    generate_toy_world(root, n_train=60, n_val=10, n_background_only=0, progress=False)
+    source = build_source("toy", str(root), tmp_path / "cache")
+    config = build_config("toy", dataset="toy")
+    config.train_aff.feature_stride = stride
+    config.make_rw.crf = False
+
+    def mask_cams(image_id: str) -> dict[str, np.ndarray]:
+        mask = source.load_mask(image_id)
+        keys = np.array([k - 1 for k in np.unique(mask) if 0 < k < 255], dtype=np.int64)
+        maps = (
+            np.stack([(mask == k + 1).astype(np.float32) for k in keys])
+            if len(keys)
+            else np.zeros((0, *mask.shape), dtype=np.float32)
+        )
+        return {"high_res": bench.blurred(maps) if len(keys) else maps, "keys": keys}
+
+    rows = bench.walk_oracle_rows(config, source, mask_cams, source.ids("train_aug"))
+    values = {name: value for name, value, _ in rows}
+    ceiling = values[f"grid ceiling: masks pooled to the stride-{stride} grid and upsampled"]
+    assert ceiling >= (75.0 if stride == 4 else 55.0)
+    pairs = [(rows[i][1], rows[i + 1][1]) for i in range(1, len(rows), 2)]
+    assert len(pairs) == len(bench.DEGRADATIONS)
+    for cam, walked in pairs[1:]:  # the degraded ones
+        assert walked >= cam + 3.0, rows
+    assert walked <= ceiling + 1.0

@@ -231,10 +231,16 @@ class TrainAffConfig:
     crop_size: int = 448
     resize_long: tuple[int, int] = (448, 768)
     color_jitter: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)  # brightness, contrast, sat., hue
-    radius: int = 5  # pairs within this distance on the stride-8 grid
+    radius: int = 5  # pairs within this distance on the feature grid
     low_power: float = 4.0  # background power for the confident foreground
     high_power: float = 32.0  # background power for the confident background
     crf: bool = True  # refine both score maps with the dense CRF (PSA); False: plain arg-max
+    feature_stride: int = (
+        8  # AffinityNet's output stride, the random walk's grid (PSA: 8; tiny backbone: 4 or 8)
+    )
+    label_source: str = (
+        "cams"  # "cams" (PSA's confident labels) or "ground_truth" (the masks: an oracle check)
+    )
 
 
 @dataclass

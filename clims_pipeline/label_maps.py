@@ -116,8 +116,8 @@ def per_class(class_names: tuple[str, ...], iou: np.ndarray) -> dict[str, float 
     }
 
 
-#: make_labels(image (H, W, 3) uint8, CAM file dict) -> (H, W) uint8 labels (255 ignored)
-CamLabeller = Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray]
+#: make_labels(image id, image (H, W, 3) uint8, CAM file dict) -> (H, W) uint8 labels (255 ignored)
+CamLabeller = Callable[[str, np.ndarray, dict[str, np.ndarray]], np.ndarray]
 
 
 def write_cam_label_maps(
@@ -144,7 +144,7 @@ def write_cam_label_maps(
     shard = output.share(output.todo(image_ids, path_of, what))
     for image_id in tqdm(shard, desc=what, disable=not ctx.dist.is_main, dynamic_ncols=True):
         image = np.asarray(ctx.source.load_image(image_id))
-        labels = make_labels(image, load_cam_file(cam_dir / f"{image_id}.npy"))
+        labels = make_labels(image_id, image, load_cam_file(cam_dir / f"{image_id}.npy"))
         save_png(path_of(image_id), palette_image(labels))
     output.finish_files(image_ids, path_of)
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import MakeRWConfig
 from .crf import PSA_CRF, CRFParams, dense_crf
 from .distributed import all_reduce_sum
 from .networks import fetch_imagenet_state, freeze_batchnorm_statistics, load_backbone_state
@@ -238,13 +239,16 @@ class _LevelBackbone(nn.Module):
         return outputs
 
 
-class _TinyStride8Backbone(_LevelBackbone):
-    """Three strided conv blocks (to stride 8) and two more at stride 8, for tests and smoke runs."""
+class _TinyBackbone(_LevelBackbone):
+    """Strided conv blocks to ``stride`` (8 or 4) and two more at that stride, for tests, smoke runs and
+    small images (a 64-pixel image is an 8 x 8 grid at stride 8, 16 x 16 at stride 4)."""
 
     level_channels = (16, 24, 32)
 
-    def __init__(self) -> None:
+    def __init__(self, stride: int = FEATURE_STRIDE) -> None:
         super().__init__()
+        if stride not in (4, 8):
+            raise ValueError(f"the tiny AffinityNet backbone has stride 4 or 8, got feature_stride={stride}")
 
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
             return nn.Sequential(
@@ -254,7 +258,7 @@ class _TinyStride8Backbone(_LevelBackbone):
             )
 
         self.stem = nn.Sequential(block(3, 8, 2), block(8, 16, 2))
-        self.levels = nn.ModuleList([block(16, 16, 2), block(16, 24, 1), block(24, 32, 1)])
+        self.levels = nn.ModuleList([block(16, 16, stride // 4), block(16, 24, 1), block(24, 32, 1)])
 
 
 class _ResNet50Stride8Backbone(_LevelBackbone):
@@ -286,9 +290,10 @@ class _ResNet50Stride8Backbone(_LevelBackbone):
 class AffinityNet(nn.Module):
     """Backbone levels -> 1x1 convs (64, 128, 256 channels, ELU) -> concatenation -> 1x1 conv (448, ELU).
 
-    ``forward`` returns the affinity features (B, 448, H/8, W/8) of images whose sides are multiples of 8
-    (``widths`` sets the three reduced widths, 64/128/256 as PSA; tiny test networks use narrower ones).
-    BatchNorm statistics stay frozen (batches of 8 crops are too small to re-estimate them).
+    ``forward`` returns the affinity features (B, 448, H/s, W/s) of images whose sides are multiples of the
+    output stride ``s = stride`` (8 as PSA; the tiny backbone also has 4). ``widths`` sets the three reduced
+    widths, 64/128/256 as PSA; tiny test networks use narrower ones. BatchNorm statistics stay frozen
+    (batches of 8 crops are too small to re-estimate them).
     """
 
     def __init__(
@@ -296,14 +301,18 @@ class AffinityNet(nn.Module):
         backbone: str = "resnet50",
         weights: str = "imagenet",
         widths: tuple[int, int, int] = (64, 128, 256),
+        stride: int = FEATURE_STRIDE,
     ):
         super().__init__()
+        self.stride = stride
         if backbone == "resnet50":
+            if stride != FEATURE_STRIDE:
+                raise ValueError(f"the resnet50 AffinityNet has output stride 8, got feature_stride={stride}")
             self.backbone: _LevelBackbone = _ResNet50Stride8Backbone(weights)
         elif backbone == "tiny":
             if weights != "none":
                 raise ValueError(f"the tiny backbone has no pretrained weights, got {weights!r}")
-            self.backbone = _TinyStride8Backbone()
+            self.backbone = _TinyBackbone(stride)
         else:
             raise ValueError(f"expected backbone 'resnet50' or 'tiny', got {backbone!r}")
         self.feature_channels = sum(widths)
@@ -324,8 +333,8 @@ class AffinityNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
-        if height % FEATURE_STRIDE or width % FEATURE_STRIDE:
-            raise ValueError(f"expected image sides divisible by {FEATURE_STRIDE}, got {height}x{width}")
+        if height % self.stride or width % self.stride:
+            raise ValueError(f"expected image sides divisible by {self.stride}, got {height}x{width}")
         levels = self.backbone(images)
         reduced = [F.elu(reducer(level)) for reducer, level in zip(self.reducers, levels, strict=True)]
         return F.elu(self.fuse(torch.cat(reduced, dim=1)))
@@ -427,21 +436,21 @@ def refine_cams_with_random_walk(
     radius: int,
     beta: float,
     exponent: int,
+    stride: int = FEATURE_STRIDE,
 ) -> torch.Tensor:
     """One image: AffinityNet features (C, h, w) of the padded image and full-resolution scores (S, H, W)
     (background first) -> propagated scores (S, H, W).
 
-    The scores are padded to the feature grid times 8, average-pooled by 8, walked ``2^exponent`` steps, and
-    upsampled back (bilinear) and cropped, as PSA does.
+    The scores are padded to the feature grid times ``stride``, average-pooled by ``stride``, walked
+    ``2^exponent`` steps, and upsampled back (bilinear) and cropped, as PSA does (stride 8).
     """
     height, width = scores.shape[-2:]
-    padded = pad_to_stride(scores[None].float())
-    if padded.shape[-2:] != (features.shape[-2] * FEATURE_STRIDE, features.shape[-1] * FEATURE_STRIDE):
+    padded = pad_to_stride(scores[None].float(), stride)
+    if padded.shape[-2:] != (features.shape[-2] * stride, features.shape[-1] * stride):
         raise ValueError(
-            f"features {tuple(features.shape)} do not cover scores {tuple(scores.shape)} at stride "
-            f"{FEATURE_STRIDE}"
+            f"features {tuple(features.shape)} do not cover scores {tuple(scores.shape)} at stride {stride}"
         )
-    pooled = F.avg_pool2d(padded, FEATURE_STRIDE)[0]
+    pooled = F.avg_pool2d(padded, stride)[0]
     offsets = pair_offsets(radius)
     affinity = pair_affinities(features[None].float(), offsets)[0]
     walked = random_walk(pooled, transition_matrix(affinity, offsets, beta), 2**exponent)
@@ -449,7 +458,59 @@ def refine_cams_with_random_walk(
     return upsampled[0, :, :height, :width]
 
 
-def build_affinity_net(backbone: str, weights: str) -> AffinityNet:
-    """AffinityNet on ``backbone`` ("resnet50": PSA's widths 64/128/256; otherwise small widths 8/8/16)."""
+def random_walk_labels(
+    image: np.ndarray,
+    cams: np.ndarray,
+    keys: np.ndarray,
+    features: torch.Tensor,
+    config: MakeRWConfig,
+    stride: int = FEATURE_STRIDE,
+) -> np.ndarray:
+    """One image's pseudo mask (H, W) uint8 (0 background, ``k + 1`` class ``k``): the CAMs with PSA's
+    background score, walked with the affinities of ``features`` (C, h, w) (AffinityNet's, or any others such
+    as :func:`ground_truth_affinity_features`), optionally refined by the dense CRF, then the arg-max.
+
+    image (H, W, 3) uint8; cams (n, H, W) in [0, 1] for the image's positive classes ``keys`` (0-based).
+    """
+    scores = torch.from_numpy(background_scores(cams, config.background_power)).to(features.device)
+    walked = refine_cams_with_random_walk(
+        features, scores, config.radius, config.beta, config.exponent, stride
+    )
+    walked_scores = walked.clamp_min(0).cpu().numpy()
+    if config.crf and len(keys):
+        walked_scores = dense_crf(image, walked_scores, PSA_CRF)
+    class_of_channel = np.concatenate([[0], np.asarray(keys, dtype=np.int64) + 1])
+    labels: np.ndarray = class_of_channel[walked_scores.argmax(axis=0)].astype(np.uint8)
+    return labels
+
+
+def build_affinity_net(backbone: str, weights: str, stride: int = FEATURE_STRIDE) -> AffinityNet:
+    """AffinityNet on ``backbone`` ("resnet50": PSA's widths 64/128/256; otherwise small widths 8/8/16) with
+    output stride ``stride``."""
     widths = (64, 128, 256) if backbone == "resnet50" else (8, 8, 16)
-    return AffinityNet(backbone, weights, widths=widths)
+    return AffinityNet(backbone, weights, widths=widths, stride=stride)
+
+
+def ground_truth_affinity_features(
+    mask: np.ndarray, num_labels: int, stride: int = FEATURE_STRIDE, contrast: float = 5.0
+) -> torch.Tensor:
+    """Features (num_labels, h, w) whose :func:`pair_affinities` are the ground truth's: for an oracle check
+    of the random walk (the walk with the best affinities the grid allows).
+
+    mask (H, W) with labels 0..num_labels-1 and 255 void. Each node holds its block's label fractions (void
+    pixels left out) times ``contrast * num_labels``, so two pure blocks of one label have affinity 1 and of
+    two labels ``exp(-2 * contrast)``; mixed boundary blocks lie in between.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"expected a mask of shape (H, W), got {mask.shape}")
+    labels = torch.from_numpy(mask.astype(np.int64))
+    valid = labels != IGNORE_LABEL
+    if valid.any() and int(labels[valid].max()) >= num_labels:
+        raise ValueError(
+            f"expected mask labels < num_labels={num_labels} or 255, got {int(labels[valid].max())}"
+        )
+    one_hot = F.one_hot(torch.where(valid, labels, 0), num_labels).permute(2, 0, 1).float()
+    one_hot = pad_to_stride((one_hot * valid.float())[None], stride)
+    fractions = F.avg_pool2d(one_hot, stride)[0]
+    fractions = fractions / fractions.sum(dim=0, keepdim=True).clamp_min(1e-6)
+    return fractions * (contrast * num_labels)

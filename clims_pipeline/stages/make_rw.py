@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..cams import cam_digest, cam_directory, load_cam_file, resolve_cam_source
 from ..config import MakeRWConfig
 from ..context import StageContext, register_stage
-from ..crf import PSA_CRF, dense_crf
+from ..crf import PSA_CRF
 from ..data import normalize_image
 from ..files import save_png
 from ..label_maps import (
@@ -29,29 +29,22 @@ from ..label_maps import (
     pseudo_mask_directory,
     refinement_image_ids,
 )
-from ..random_walk import background_scores, build_affinity_net, pad_to_stride, refine_cams_with_random_walk
+from ..random_walk import AffinityNet, build_affinity_net, pad_to_stride, random_walk_labels
 from ..training import autocast_context, final_model_path, load_final_model, model_digest, small_op_threads
 
 
 def write_pseudo_mask(
-    ctx: StageContext, model: torch.nn.Module, cam_dir: Path, out_dir: Path, image_id: str
+    ctx: StageContext, model: AffinityNet, cam_dir: Path, out_dir: Path, image_id: str
 ) -> None:
     """Random walk (and optional CRF) of one image's CAMs; the arg-max as a palette PNG."""
-    config = ctx.config.make_rw
     pil_image = ctx.source.load_image(image_id)
-    image = np.asarray(pil_image)
     cam = load_cam_file(cam_dir / f"{image_id}.npy")
-    keys = np.asarray(cam["keys"], dtype=np.int64)
-    class_of_channel = np.concatenate([[0], keys + 1])
-    scores = torch.from_numpy(background_scores(cam["high_res"], config.background_power)).to(ctx.device)
     with torch.no_grad(), autocast_context(ctx.device, ctx.amp):
         tensor = torch.from_numpy(normalize_image(pil_image))[None].to(ctx.device)
-        features = model(pad_to_stride(tensor))[0].float()
-    walked = refine_cams_with_random_walk(features, scores, config.radius, config.beta, config.exponent)
-    walked_scores = walked.clamp_min(0).cpu().numpy()
-    if config.crf and len(keys):
-        walked_scores = dense_crf(image, walked_scores, PSA_CRF)
-    labels = class_of_channel[walked_scores.argmax(axis=0)].astype(np.uint8)
+        features = model(pad_to_stride(tensor, model.stride))[0].float()
+    labels = random_walk_labels(
+        np.asarray(pil_image), cam["high_res"], cam["keys"], features, ctx.config.make_rw, model.stride
+    )
     save_png(out_dir / f"{image_id}.png", palette_image(labels))
 
 
@@ -84,7 +77,7 @@ def walk_and_evaluate(ctx: StageContext, config: MakeRWConfig) -> None:
         "crf": PSA_CRF.as_dict() if config.crf else None,
     }
     output = ctx.output("make_rw", pseudo_mask_directory(ctx), fingerprint)
-    model = build_affinity_net(ctx.config.train_aff.backbone, "none")
+    model = build_affinity_net(ctx.config.train_aff.backbone, "none", ctx.config.train_aff.feature_stride)
     load_final_model(final_model_path(ctx, "train_aff"), model)
     model.to(ctx.device).eval()
     output.begin()
@@ -109,7 +102,9 @@ def walk_and_evaluate(ctx: StageContext, config: MakeRWConfig) -> None:
         "radius": config.radius,
         "crf": config.crf,
         "crf_params": PSA_CRF.as_dict() if config.crf else None,
+        "feature_stride": ctx.config.train_aff.feature_stride,
         "affinity_labels": {
+            "source": ctx.config.train_aff.label_source,
             "powers": [ctx.config.train_aff.low_power, ctx.config.train_aff.high_power],
             "crf": ctx.config.train_aff.crf,
         },

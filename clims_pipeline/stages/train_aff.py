@@ -30,7 +30,6 @@ from ..crf import PSA_CRF
 from ..data import SegmentationSource, random_rescale_long_side
 from ..label_maps import CamLabeller, RefinerTrainerStage, crop_image_and_labels, read_label_png
 from ..random_walk import (
-    FEATURE_STRIDE,
     affinity_loss,
     build_affinity_net,
     confident_label_map,
@@ -71,9 +70,10 @@ class AffinityCropDataset(Dataset[dict[str, Any]]):
         config: TrainAffConfig,
         seed: int,
     ):
-        if config.crop_size % FEATURE_STRIDE:
+        if config.crop_size % config.feature_stride:
             raise ValueError(
-                f"train_aff.crop_size must be a multiple of {FEATURE_STRIDE}, got {config.crop_size}"
+                f"train_aff.crop_size must be a multiple of train_aff.feature_stride "
+                f"({config.feature_stride}), got {config.crop_size}"
             )
         self.source = source
         self.image_ids = list(image_ids)
@@ -102,9 +102,8 @@ class AffinityCropDataset(Dataset[dict[str, Any]]):
             )
         image = color_jitter(image, tuple(self.config.color_jitter), rng)
         crop, crop_labels = crop_image_and_labels(image, np.asarray(labels), self.config.crop_size, rng)
-        grid_labels = downsample_labels(torch.from_numpy(crop_labels)[None], FEATURE_STRIDE, self.num_labels)[
-            0
-        ]
+        stride = self.config.feature_stride
+        grid_labels = downsample_labels(torch.from_numpy(crop_labels)[None], stride, self.num_labels)[0]
         return {"image": torch.from_numpy(crop), "label": grid_labels, "index": index}
 
 
@@ -124,21 +123,34 @@ class TrainAff(RefinerTrainerStage):
             "resize_long": list(config.resize_long),
             "color_jitter": list(config.color_jitter),
             "radius": config.radius,
+            "feature_stride": config.feature_stride,
             "train_split": ctx.config.data.train_split,
             # The labels' digest covers the CAMs, the powers and the CRF.
             "labels": self.labels_digest(ctx),
         }
 
+    def check(self, ctx: StageContext) -> None:
+        super().check(ctx)
+        source = ctx.config.train_aff.label_source
+        if source not in ("cams", "ground_truth"):
+            raise ValueError(f"train_aff.label_source: expected 'cams' or 'ground_truth', got {source!r}")
+
     def label_settings(self, ctx: StageContext) -> dict[str, Any]:
         config = ctx.config.train_aff
+        if config.label_source == "ground_truth":
+            return {"ground_truth": ctx.config.data.train_split}
         crf = PSA_CRF.as_dict() if config.crf else None
         return {"low_power": config.low_power, "high_power": config.high_power, "crf": crf}
 
     def labeller(self, ctx: StageContext) -> CamLabeller:
+        """Confident labels from the CAMs; with ``train_aff.label_source = "ground_truth"`` the data set's
+        masks instead (void stays ignored): the oracle of how AffinityNet learns from noise-free labels."""
         config = ctx.config.train_aff
         crf = PSA_CRF if config.crf else None
 
-        def make_labels(image: np.ndarray, cam: dict[str, np.ndarray]) -> np.ndarray:
+        def make_labels(image_id: str, image: np.ndarray, cam: dict[str, np.ndarray]) -> np.ndarray:
+            if config.label_source == "ground_truth":
+                return ctx.source.load_mask(image_id)
             return confident_label_map(
                 image, cam["high_res"], cam["keys"], config.low_power, config.high_power, crf=crf
             )
@@ -153,7 +165,8 @@ class TrainAff(RefinerTrainerStage):
 
     def build_model(self, ctx: StageContext) -> nn.Module:
         torch.manual_seed(ctx.seed)  # the same head init on every rank and every rerun
-        return build_affinity_net(ctx.config.train_aff.backbone, ctx.config.train_aff.weights)
+        config = ctx.config.train_aff
+        return build_affinity_net(config.backbone, config.weights, config.feature_stride)
 
     def loss_function(self, ctx: StageContext, model: nn.Module) -> LossFunction:
         offsets = pair_offsets(ctx.config.train_aff.radius)

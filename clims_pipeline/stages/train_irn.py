@@ -115,7 +115,7 @@ class TrainIRN(RefinerTrainerStage):
         config = ctx.config.train_irn
         crf = IRN_LABEL_CRF if config.crf else None
 
-        def make_labels(image: np.ndarray, cam: dict[str, np.ndarray]) -> np.ndarray:
+        def make_labels(image_id: str, image: np.ndarray, cam: dict[str, np.ndarray]) -> np.ndarray:
             return relation_label_map(
                 image, cam["high_res"], cam["keys"], config.fg_threshold, config.bg_threshold, crf=crf
             )

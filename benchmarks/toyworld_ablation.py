@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import clims_loss as cl
 from clims_pipeline.clip_training import train_clip
 from clims_pipeline.config import build_config
 from clims_pipeline.toy import experiment as experiment
@@ -38,7 +39,7 @@ from clims_pipeline.toy.world import (
     TOY_CLASSES,
     generate_toy_world,
 )
-from clims_pipeline.visualize import colorize_labels, jet
+from clims_pipeline.visualize import colorize_labels
 
 GRID_COLUMNS = ("input", "baseline", "otm", "otm_btm", "otm_btm_reg", "full", "ground truth")
 
@@ -90,7 +91,7 @@ def overlay_grid(results: dict[str, Any], rows: int) -> Image.Image:
             if name not in cams:
                 continue
             score = cams[name][index].max(dim=0).values.numpy()
-            row.append((0.5 * image + 0.5 * jet(score)).astype(np.uint8))
+            row.append(np.asarray(cl.overlay_cam(image, np.clip(score, 0.0, 1.0), alpha=0.5)))
         mask = evaluation.masks[index].numpy().copy()
         row.append(colorize_labels(np.where(mask == 255, 0, mask)))
         gap = np.full((image.shape[0], 2, 3), 255, np.uint8)

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..clip_training import train_clip
 from ..files import write_json
 from .clip import TOY_CLIP_CONFIG, format_report, toy_clip_corpus, zero_shot_report
-from .world import DEFAULT_N_TRAIN, DEFAULT_N_VAL, generate_toy_world
+from .world import DEFAULT_N_TRAIN, DEFAULT_N_VAL, TOY_WORLD_KINDS, generate_toy_world
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -23,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n-val", type=int, default=DEFAULT_N_VAL)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--kind", choices=TOY_WORLD_KINDS, default="first", help="which world (docs/toyworld.md)"
+    )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument(
@@ -47,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         n_val=args.n_val,
         image_size=args.image_size,
         seed=args.seed,
+        kind=args.kind,
         num_workers=args.workers,
         overwrite=args.overwrite,
     )

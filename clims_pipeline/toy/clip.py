@@ -51,6 +51,7 @@ from .world import (
     read_captions,
     render_background_captions,
     render_object_cutouts,
+    world_settings,
 )
 
 #: The tiny open_clip config the toy world's CLIP is trained from (``clip_configs/<name>.json``).
@@ -166,7 +167,8 @@ def toy_clip_corpus(
     ``mask_scenes``: a mask that hides the object while the caption names it teaches CLIP that the
     surroundings are the object. Background pictures are masked only with ``mask_backgrounds``: black
     fill under a background caption makes black read as a background. ``dark_copies`` scenes (drawn
-    with ``seed``) are added again with a dark-picture caption, to be darkened by ``train_clip``.
+    with ``seed``) are added again with a dark-picture caption, to be darkened by ``train_clip``. The
+    cut-outs and pictures are drawn by the world's own kind (``toyworld.json``), at its context rate.
     """
 
     records = read_captions(root, splits)
@@ -176,8 +178,9 @@ def toy_clip_corpus(
     is_background = [r["split"].startswith("background_only") for r in records]
     maskable = [mask_backgrounds if background else mask_scenes for background in is_background]
     scenes = [image for (image, _), background in zip(samples, is_background, strict=True) if not background]
-    cutouts = render_object_cutouts(object_cutouts, seed=seed)
-    backgrounds = render_background_captions(extra_backgrounds, seed=seed)
+    kind, context_rate = world_settings(root)
+    cutouts = render_object_cutouts(object_cutouts, seed=seed, context_rate=context_rate, kind=kind)
+    backgrounds = render_background_captions(extra_backgrounds, seed=seed, kind=kind)
     for (images, captions), may_mask in ((cutouts, True), (backgrounds, mask_backgrounds)):
         samples += list(zip(list(images), captions, strict=True))
         maskable += [may_mask] * len(captions)

@@ -56,9 +56,13 @@ def ensure_toy_world(ctx: StageContext) -> Path:
             n_val=config.n_val,
             seed=config.seed,
             context_rate=config.context_rate,
+            kind=config.kind,
             progress=True,
         )
         seconds = metadata["generation_seconds"]
-        ctx.print(f"[toyworld] {root}: {metadata['splits']} (generated in {seconds} s)")
+        ctx.print(
+            f"[toyworld] {root}: {metadata.get('kind', 'first')} world, {metadata['splits']} "
+            f"(generated in {seconds} s)"
+        )
     barrier()
     return root

@@ -19,7 +19,9 @@ class ToyWorldConfig:
     n_train: int = DEFAULT_N_TRAIN
     n_val: int = DEFAULT_N_VAL
     seed: int = 0
-    context_rate: float = 0.9  # how often an object stands on its own background
+    # How often an object stands on its own background; None: the world kind's own (first 0.9, second 0.75).
+    context_rate: float | None = None
+    kind: str = "first"  # which world: "first" (world.py) or "second" (world_second.py)
 
 
 register_config_section("toy_world", ToyWorldConfig)

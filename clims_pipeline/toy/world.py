@@ -553,6 +553,60 @@ def _sample_classes(rng: np.random.Generator, context_rate: float) -> tuple[list
     return classes, contexts
 
 
+Texture = Callable[[np.random.Generator, int, np.ndarray, np.ndarray], np.ndarray]
+Drawing = Callable[[np.random.Generator, np.ndarray, np.ndarray], list[Part]]
+
+
+@dataclass(frozen=True)
+class WorldKind:
+    """What one kind of toy world draws, over the shared vocabulary (``TOY_CLASSES``, ``TOY_BACKGROUNDS``,
+    ``CLASS_BACKGROUND``, the caption words) and the shared scene layout, placement and file layout.
+
+    ``textures`` and ``drawings`` render each background and object class; ``scale`` is an object's width
+    as a fraction of the image side (min, max); ``anchor_v``, ``extent_v`` and ``max_tilt_deg`` place a
+    drawing (its own unit coordinates, 1 unit = its width: where it touches its background, its top and
+    bottom, its largest tilt); ``sample_classes(rng, context_rate)`` picks a scene's objects (in drawing
+    order) and the background each stands on, or None to draw again; ``context_rate`` is the kind's default
+    share of objects on their own background."""
+
+    name: str
+    textures: dict[str, Texture]
+    drawings: dict[str, Drawing]
+    scale: dict[str, tuple[float, float]]
+    anchor_v: dict[str, float]
+    extent_v: dict[str, tuple[float, float]]
+    max_tilt_deg: dict[str, float]
+    sample_classes: Callable[[np.random.Generator, float], tuple[list[str], list[str]] | None]
+    context_rate: float
+
+
+FIRST_WORLD = WorldKind(
+    name="first",
+    textures=_TEXTURES,
+    drawings=_DRAW,
+    scale=_CLASS_SCALE,
+    anchor_v=_CLASS_ANCHOR_V,
+    extent_v=_CLASS_EXTENT_V,
+    max_tilt_deg=_CLASS_MAX_TILT_DEG,
+    sample_classes=_sample_classes,
+    context_rate=0.9,
+)
+#: The world kinds by name (``toy_world.kind``); ``world_second`` adds "second" when imported.
+WORLD_KINDS: dict[str, WorldKind] = {FIRST_WORLD.name: FIRST_WORLD}
+TOY_WORLD_KINDS: tuple[str, ...] = ("first", "second")
+
+
+def world_kind(name: str) -> WorldKind:
+    """The world kind called ``name``; a clear error for an unknown one."""
+    if name not in TOY_WORLD_KINDS:
+        raise ValueError(f"expected a toy world kind from {list(TOY_WORLD_KINDS)}, got {name!r}")
+    if name not in WORLD_KINDS:
+        from . import world_second  # registers itself
+
+        del world_second
+    return WORLD_KINDS[name]
+
+
 def render_scene(
     rng: np.random.Generator,
     image_size: int,
@@ -561,8 +615,10 @@ def render_scene(
     void_border: int = 0,
     min_visible_fraction: float = 0.4,
     backgrounds_only: Sequence[str] | None = None,
+    kind: WorldKind = FIRST_WORLD,
 ) -> ToyScene:
-    """Draw one scene. With ``backgrounds_only`` the scene has exactly those backgrounds and no objects."""
+    """Draw one scene of the world ``kind``. With ``backgrounds_only`` the scene has exactly those
+    backgrounds and no objects."""
     ys, xs = _grid(image_size)
     if backgrounds_only is not None:
         unknown = set(backgrounds_only) - set(TOY_BACKGROUNDS)
@@ -573,14 +629,14 @@ def render_scene(
     else:
         sampled = None
         while sampled is None:
-            sampled = _sample_classes(rng, context_rate)
+            sampled = kind.sample_classes(rng, context_rate)
         required = set(sampled[1])
     index_map, names = _layout(rng, image_size, ys, xs, required, exact=backgrounds_only is not None)
     canvas = np.zeros((image_size, image_size, 3), np.float32)
     for index, name in enumerate(names):
         region = index_map == index
         if region.any():
-            canvas[region] = _TEXTURES[name](rng, image_size, ys, xs)[region]
+            canvas[region] = kind.textures[name](rng, image_size, ys, xs)[region]
     mask = np.zeros((image_size, image_size), np.uint8)
     objects: list[ToyObject] = []
     if sampled is not None:
@@ -594,6 +650,7 @@ def render_scene(
             names,
             *sampled,
             min_visible_fraction=min_visible_fraction,
+            kind=kind,
         )
     if void_border > 0:
         mask = _add_void_border(mask, void_border)
@@ -619,6 +676,7 @@ def _place_objects(
     contexts: list[str],
     *,
     min_visible_fraction: float,
+    kind: WorldKind,
     attempts: int = 8,
 ) -> tuple[np.ndarray, np.ndarray, list[ToyObject]]:
     best: tuple[np.ndarray, np.ndarray, list[ToyObject]] | None = None
@@ -628,11 +686,11 @@ def _place_objects(
         instance_map = np.full((size, size), -1, np.int64)
         full_areas = []
         for instance, (name, context) in enumerate(zip(classes, contexts, strict=True)):
-            width = rng.uniform(*_CLASS_SCALE[name]) * size
+            width = rng.uniform(*kind.scale[name]) * size
             # The anchor lies on the chosen background, and far enough from the frame's edges that at
             # most ~15% of the object is cut off (a caption should not name a train that is not there).
-            v_top, v_bottom = _CLASS_EXTENT_V[name]
-            anchor_v = _CLASS_ANCHOR_V[name]
+            v_top, v_bottom = kind.extent_v[name]
+            anchor_v = kind.anchor_v[name]
             band = (
                 (ys >= (anchor_v - v_top) * width * 0.85)
                 & (ys <= size - (v_bottom - anchor_v) * width * 0.85)
@@ -646,11 +704,11 @@ def _place_objects(
             anchor_y, anchor_column = divmod(int(region[int(rng.integers(len(region)))]), size)
             anchor_x = anchor_column + 0.5
             flip = -1.0 if rng.random() < 0.5 else 1.0
-            tilt = math.radians(rng.uniform(-1, 1) * _CLASS_MAX_TILT_DEG[name])
+            tilt = math.radians(rng.uniform(-1, 1) * kind.max_tilt_deg[name])
             dx, dy = (xs - anchor_x) / width, (ys - (anchor_y + 0.5)) / width
             u = (dx * math.cos(tilt) + dy * math.sin(tilt)) * flip
-            v = -dx * math.sin(tilt) + dy * math.cos(tilt) + _CLASS_ANCHOR_V[name]
-            parts = _DRAW[name](rng, u, v)
+            v = -dx * math.sin(tilt) + dy * math.cos(tilt) + anchor_v
+            parts = kind.drawings[name](rng, u, v)
             # Later parts cover earlier ones: remember the topmost part per pixel, then colour once.
             part_of_pixel = np.full((size, size), -1, np.int64)
             for part_number, (part_mask, _) in enumerate(parts):
@@ -787,6 +845,7 @@ class _Job:
     context_rate: float
     void_border: int
     background_caption_rate: float
+    kind: str
 
 
 def _render_one(
@@ -798,15 +857,17 @@ def _render_one(
     context_rate: float,
     void_border: int,
     background_caption_rate: float,
+    kind: str,
 ) -> tuple[ToyScene, str]:
     rng = _image_rng(seed, split, index)
+    style = world_kind(kind)
     if split.startswith("background_only"):
         # Balanced over backgrounds; a third of them also show the sky above the ground.
         name = TOY_BACKGROUNDS[index % len(TOY_BACKGROUNDS)]
         chosen = [name] if name == _SKY or rng.random() < 0.67 else [_SKY, name]
-        scene = render_scene(rng, image_size, void_border=void_border, backgrounds_only=chosen)
+        scene = render_scene(rng, image_size, void_border=void_border, backgrounds_only=chosen, kind=style)
     else:
-        scene = render_scene(rng, image_size, context_rate=context_rate, void_border=void_border)
+        scene = render_scene(rng, image_size, context_rate=context_rate, void_border=void_border, kind=style)
     return scene, caption_scene(rng, scene, background_caption_rate=background_caption_rate)
 
 
@@ -822,6 +883,7 @@ def _write_chunk(job: _Job) -> list[dict[str, Any]]:
             context_rate=job.context_rate,
             void_border=job.void_border,
             background_caption_rate=job.background_caption_rate,
+            kind=job.kind,
         )
         sample_id = _sample_id(job.split, index)
         image = Image.fromarray(scene.image, "RGB")
@@ -859,9 +921,11 @@ def _config(
     context_rate: float,
     void_border: int,
     background_caption_rate: float,
+    kind: str,
 ) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
+        "kind": kind,
         "n_train": n_train,
         "n_val": n_val,
         "n_train_eval": n_train_eval,
@@ -891,14 +955,18 @@ def generate_toy_world(
     n_background_only: int | None = None,
     n_background_only_val: int | None = None,
     image_format: str = "jpg",
-    context_rate: float = 0.9,
+    context_rate: float | None = None,
     void_border: int = 0,
     background_caption_rate: float = 0.5,
     num_workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    kind: str = "first",
 ) -> dict[str, Any]:
     """Write the toy world to ``root`` in the VOC layout and return its metadata (also in toyworld.json).
+
+    ``kind`` chooses what is drawn (``WORLD_KINDS``: "first", the world of docs/toyworld.md, or "second",
+    ``world_second``); ``context_rate`` defaults to the kind's own.
 
     ``n_train`` images form ``train_aug``; the first ``n_train_eval`` of them (default min(n_train, 1000))
     form ``train``, the split CAM quality is measured on, as VOC's train is a subset of train_aug.
@@ -912,6 +980,8 @@ def generate_toy_world(
         raise ValueError(f"expected n_train >= 1 and n_val >= 0, got n_train={n_train}, n_val={n_val}")
     if image_format not in ("jpg", "png"):
         raise ValueError(f"expected image_format 'jpg' or 'png', got {image_format!r}")
+    style = world_kind(kind)
+    context_rate = style.context_rate if context_rate is None else context_rate
     if not 0.0 <= context_rate <= 1.0:
         raise ValueError(f"expected context_rate in [0, 1], got {context_rate}")
     n_train_eval = min(n_train, 1000) if n_train_eval is None else min(n_train_eval, n_train)
@@ -931,12 +1001,14 @@ def generate_toy_world(
         context_rate,
         void_border,
         background_caption_rate,
+        kind,
     )
     root = Path(root)
     metadata_path = root / "toyworld.json"
     if metadata_path.exists() and not overwrite:
         existing: dict[str, Any] = json.loads(metadata_path.read_text())
-        if existing.get("config") == config:
+        # Worlds written before there were kinds are first worlds.
+        if {"kind": "first", **existing.get("config", {})} == config:
             return existing
     started = time.perf_counter()
     if metadata_path.exists():
@@ -963,6 +1035,7 @@ def generate_toy_world(
             context_rate,
             void_border,
             background_caption_rate,
+            kind,
         )
         for split, count in counts.items()
         for start in range(0, count, chunk)
@@ -1003,6 +1076,7 @@ def generate_toy_world(
 
     metadata = {
         "config": config,
+        "kind": kind,
         "classes": list(TOY_CLASSES),
         "backgrounds": list(TOY_BACKGROUNDS),
         "class_background": dict(CLASS_BACKGROUND),
@@ -1011,7 +1085,7 @@ def generate_toy_world(
         "splits": {name: len(ids) for name, ids in lists.items()},
         "statistics": measure_statistics(records),
         "jpeg_mean_abs_error": _jpeg_error(
-            root, records, seed, image_size, context_rate, void_border, background_caption_rate
+            root, records, seed, image_size, context_rate, void_border, background_caption_rate, kind
         )
         if image_format == "jpg"
         else 0.0,
@@ -1050,6 +1124,7 @@ def _jpeg_error(
     context_rate: float,
     void_border: int,
     background_caption_rate: float,
+    kind: str,
     sample: int = 50,
 ) -> float:
     """Mean absolute error (grey levels) of the stored JPEGs against a re-render of the same images."""
@@ -1064,6 +1139,7 @@ def _jpeg_error(
             context_rate=context_rate,
             void_border=void_border,
             background_caption_rate=background_caption_rate,
+            kind=kind,
         )
         stored = np.asarray(
             Image.open(root / "JPEGImages" / f"{record['id']}.jpg").convert("RGB"), np.float32
@@ -1138,6 +1214,12 @@ def load_toy_world(root: str | os.PathLike[str]) -> dict[str, Any]:
     return metadata
 
 
+def world_settings(root: str | os.PathLike[str]) -> tuple[str, float]:
+    """The kind and context rate a stored world was generated with (worlds older than kinds are first)."""
+    config = load_toy_world(root)["config"]
+    return str(config.get("kind", "first")), float(config["context_rate"])
+
+
 def read_captions(root: str | os.PathLike[str], splits: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Caption records of ``captions.jsonl``, optionally only those of the given splits."""
     records = []
@@ -1171,17 +1253,22 @@ def background_only_images(
             yield record["id"], record["backgrounds"][0], image_path(root, record["id"])
 
 
-def render_background_only(background: str, count: int, *, image_size: int = 64, seed: int = 0) -> np.ndarray:
+def render_background_only(
+    background: str, count: int, *, image_size: int = 64, seed: int = 0, kind: str = "first"
+) -> np.ndarray:
     """``count`` freshly rendered full-frame images of one background, uint8 (count, H, W, 3), in memory."""
     if background not in TOY_BACKGROUNDS:
         raise ValueError(f"expected a background from {TOY_BACKGROUNDS}, got {background!r}")
+    style = world_kind(kind)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 99, TOY_BACKGROUNDS.index(background)]))
-    images = [render_scene(rng, image_size, backgrounds_only=[background]).image for _ in range(count)]
+    images = [
+        render_scene(rng, image_size, backgrounds_only=[background], kind=style).image for _ in range(count)
+    ]
     return np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
 
 
 def render_object_cutouts(
-    count: int, *, image_size: int = 64, seed: int = 0, context_rate: float = 0.9
+    count: int, *, image_size: int = 64, seed: int = 0, context_rate: float | None = None, kind: str = "first"
 ) -> tuple[np.ndarray, list[str]]:
     """``count`` fresh scenes with everything but their objects blacked out, and object-only captions.
 
@@ -1189,13 +1276,15 @@ def render_object_cutouts(
     objects on plain backgrounds): they teach a CLIP trained on this world what the object itself looks
     like, on the black fill the evaluator's masked views show. They are rendered apart from every split
     (their own seed stream) and never enter the segmentation data. Returns uint8 (count, H, W, 3) and
-    the captions.
+    the captions. ``kind`` is the world kind they are drawn from; ``context_rate`` defaults to its own.
     """
+    style = world_kind(kind)
+    rate = style.context_rate if context_rate is None else context_rate
     images = np.zeros((count, image_size, image_size, 3), np.uint8)
     captions = []
     for index in range(count):
         rng = np.random.default_rng(np.random.SeedSequence([seed, 98, index]))
-        scene = render_scene(rng, image_size, context_rate=context_rate)
+        scene = render_scene(rng, image_size, context_rate=rate, kind=style)
         images[index] = scene.image * (scene.mask > 0)[..., None]
         phrase = _object_phrase(rng, [o.class_name for o in scene.objects])
         captions.append(_OBJECT_TEMPLATES[int(rng.integers(len(_OBJECT_TEMPLATES)))].format(o=phrase))
@@ -1203,19 +1292,21 @@ def render_object_cutouts(
 
 
 def render_background_captions(
-    count: int, *, image_size: int = 64, seed: int = 0
+    count: int, *, image_size: int = 64, seed: int = 0, kind: str = "first"
 ) -> tuple[np.ndarray, list[str]]:
     """``count`` fresh full-frame background images (balanced over backgrounds) with background captions.
 
     More of the object-free pictures a web corpus is full of (a lake, a field, a road) than the world's
-    own ``background_only_train`` split; like the cut-outs, for CLIP training only.
+    own ``background_only_train`` split; like the cut-outs, for CLIP training only. ``kind``: the world
+    kind they are drawn from.
     """
+    style = world_kind(kind)
     images = np.zeros((count, image_size, image_size, 3), np.uint8)
     captions = []
     for index in range(count):
         rng = np.random.default_rng(np.random.SeedSequence([seed, 97, index]))
         background = TOY_BACKGROUNDS[index % len(TOY_BACKGROUNDS)]
-        images[index] = render_scene(rng, image_size, backgrounds_only=[background]).image
+        images[index] = render_scene(rng, image_size, backgrounds_only=[background], kind=style).image
         template = _BACKGROUND_TEMPLATES[int(rng.integers(len(_BACKGROUND_TEMPLATES)))]
         captions.append(template.format(b=_background_phrase(rng, [background])))
     return images, captions

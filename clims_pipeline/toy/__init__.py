@@ -5,3 +5,4 @@ point does, so that ``clims_pipeline.toy.experiment`` and the benchmarks find th
 """
 
 from . import plugin as plugin
+from . import world_second as world_second  # registers the second world's kind

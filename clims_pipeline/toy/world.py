@@ -591,7 +591,7 @@ FIRST_WORLD = WorldKind(
     sample_classes=_sample_classes,
     context_rate=0.9,
 )
-#: The world kinds by name (``toy_world.kind``); ``world_second`` adds "second" when imported.
+#: The world kinds by name (``toy_world.kind``); ``world_second`` adds "second" (the package imports it).
 WORLD_KINDS: dict[str, WorldKind] = {FIRST_WORLD.name: FIRST_WORLD}
 TOY_WORLD_KINDS: tuple[str, ...] = ("first", "second")
 
@@ -600,10 +600,7 @@ def world_kind(name: str) -> WorldKind:
     """The world kind called ``name``; a clear error for an unknown one."""
     if name not in TOY_WORLD_KINDS:
         raise ValueError(f"expected a toy world kind from {list(TOY_WORLD_KINDS)}, got {name!r}")
-    if name not in WORLD_KINDS:
-        from . import world_second  # registers itself
-
-        del world_second
+    # ``world_second`` registers "second"; the package imports it, so any import of this module has it.
     return WORLD_KINDS[name]
 
 

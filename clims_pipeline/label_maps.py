@@ -23,8 +23,8 @@ from .data import VOID_LABEL, DatasetError, normalize_image, random_crop_with_pa
 from .distributed import all_reduce_sum
 from .files import atomic_write, save_png
 from .metrics import confusion_matrix, format_iou_table, iou_from_confusion, mean_iou
-from .runstate import output_digest, verify_file
-from .training import TrainerStage
+from .runstate import StageOutput, output_digest, verify_file
+from .training import TrainerStage, small_op_threads
 from .visualize import label_palette
 
 
@@ -147,6 +147,32 @@ def write_cam_label_maps(
         labels = make_labels(image_id, image, load_cam_file(cam_dir / f"{image_id}.npy"))
         save_png(path_of(image_id), palette_image(labels))
     output.finish_files(image_ids, path_of)
+
+
+def write_pseudo_masks(
+    ctx: StageContext,
+    output: StageOutput,
+    image_ids: list[str],
+    stage: str,
+    tiny_network: bool,
+    write_one: Callable[[str], None],
+) -> int:
+    """A refiner's pseudo masks (``make_rw``, ``make_sem_seg``): ``write_one(image_id)`` writes
+    ``<output>/<id>.png`` for every image not done already, sharded over the ranks, and the manifest records
+    every file. Returns how many images were inferred in this run."""
+    output.begin()
+
+    def path_of(image_id: str) -> Path:
+        return output.directory / f"{image_id}.png"
+
+    todo = output.todo(image_ids, path_of, "pseudo masks")
+    with small_op_threads(ctx, tiny_network):
+        for image_id in tqdm(
+            output.share(todo), desc=stage, disable=not ctx.dist.is_main, dynamic_ncols=True
+        ):
+            write_one(image_id)
+    output.finish_files(image_ids, path_of)
+    return len(todo)
 
 
 def evaluate_pseudo_masks(

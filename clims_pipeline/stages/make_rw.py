@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..cams import cam_digest, cam_directory, load_cam_file, resolve_cam_source
 from ..config import MakeRWConfig
@@ -28,9 +27,10 @@ from ..label_maps import (
     palette_image,
     pseudo_mask_directory,
     refinement_image_ids,
+    write_pseudo_masks,
 )
 from ..random_walk import AffinityNet, build_affinity_net, pad_to_stride, random_walk_labels
-from ..training import autocast_context, final_model_path, load_final_model, model_digest, small_op_threads
+from ..training import autocast_context, final_model_path, load_final_model, model_digest
 
 
 def write_pseudo_mask(
@@ -80,18 +80,14 @@ def walk_and_evaluate(ctx: StageContext, config: MakeRWConfig) -> None:
     model = build_affinity_net(ctx.config.train_aff.backbone, "none", ctx.config.train_aff.feature_stride)
     load_final_model(final_model_path(ctx, "train_aff"), model)
     model.to(ctx.device).eval()
-    output.begin()
-
-    def path_of(image_id: str) -> Path:
-        return output.directory / f"{image_id}.png"
-
-    todo = output.todo(image_ids, path_of, "pseudo masks")
-    with small_op_threads(ctx, ctx.config.train_aff.backbone == "tiny"):
-        for image_id in tqdm(
-            output.share(todo), desc="make_rw", disable=not ctx.dist.is_main, dynamic_ncols=True
-        ):
-            write_pseudo_mask(ctx, model, cam_dir, output.directory, image_id)
-    output.finish_files(image_ids, path_of)
+    inferred = write_pseudo_masks(
+        ctx,
+        output,
+        image_ids,
+        "make_rw",
+        ctx.config.train_aff.backbone == "tiny",
+        lambda image_id: write_pseudo_mask(ctx, model, cam_dir, output.directory, image_id),
+    )
 
     settings = {
         "cam_source": source,
@@ -115,4 +111,4 @@ def walk_and_evaluate(ctx: StageContext, config: MakeRWConfig) -> None:
     )
     title = "Pseudo-mask mIoU: CAM + random walk"
     result = evaluate_pseudo_masks(ctx, "make_rw", output.directory, "rw", settings, title, described)
-    ctx.logger("make_rw").log("done", miou=result["miou"], images=len(image_ids), inferred=len(todo))
+    ctx.logger("make_rw").log("done", miou=result["miou"], images=len(image_ids), inferred=inferred)

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..cams import cam_digest, cam_directory, load_cam_file, resolve_cam_source
 from ..context import StageContext, register_stage
@@ -30,8 +29,9 @@ from ..label_maps import (
     palette_image,
     refinement_image_ids,
     sem_seg_mask_directory,
+    write_pseudo_masks,
 )
-from ..training import autocast_context, final_model_path, load_final_model, model_digest, small_op_threads
+from ..training import autocast_context, final_model_path, load_final_model, model_digest
 
 STAGE = "make_sem_seg"
 
@@ -87,18 +87,14 @@ def make_sem_seg(ctx: StageContext) -> None:
     model = build_irnet(irn.backbone, "none", irn.freeze_backbone)
     load_final_model(final_model_path(ctx, "train_irn"), model)
     model.to(ctx.device).eval()
-    output.begin()
-
-    def path_of(image_id: str) -> Path:
-        return output.directory / f"{image_id}.png"
-
-    todo = output.todo(image_ids, path_of, "pseudo masks")
-    with small_op_threads(ctx, irn.backbone != "resnet50"):
-        for image_id in tqdm(
-            output.share(todo), desc=STAGE, disable=not ctx.dist.is_main, dynamic_ncols=True
-        ):
-            write_sem_seg_mask(ctx, model, cam_dir, output.directory, image_id)
-    output.finish_files(image_ids, path_of)
+    inferred = write_pseudo_masks(
+        ctx,
+        output,
+        image_ids,
+        STAGE,
+        irn.backbone != "resnet50",
+        lambda image_id: write_sem_seg_mask(ctx, model, cam_dir, output.directory, image_id),
+    )
 
     settings = {
         "cam_source": source,
@@ -119,4 +115,4 @@ def make_sem_seg(ctx: StageContext) -> None:
     )
     title = "Pseudo-mask mIoU: CAM + IRNet (boundary random walk)"
     result = evaluate_pseudo_masks(ctx, STAGE, output.directory, "irn", settings, title, described)
-    ctx.logger(STAGE).log("done", miou=result["miou"], images=len(image_ids), inferred=len(todo))
+    ctx.logger(STAGE).log("done", miou=result["miou"], images=len(image_ids), inferred=inferred)

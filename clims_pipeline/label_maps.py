@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .cams import cam_digest, cam_directory, load_cam_file
@@ -247,6 +248,8 @@ class RefinerTrainerStage(TrainerStage):
 
     method: ClassVar[str]
     labels_what: ClassVar[str]
+    #: The training crops: called as ``(source, image_ids, label_directory, settings, seed)``.
+    crop_dataset: ClassVar[Callable[..., Dataset[dict[str, Any]]]]
     reads = ("make_cam",)
 
     def in_all(self, config: PipelineConfig) -> bool:
@@ -276,6 +279,11 @@ class RefinerTrainerStage(TrainerStage):
 
     def labeller(self, ctx: StageContext) -> CamLabeller:
         raise NotImplementedError
+
+    def build_dataset(self, ctx: StageContext) -> Dataset[dict[str, Any]]:
+        return self.crop_dataset(
+            ctx.source, self.training_ids(ctx), self.label_directory(ctx), self.settings(ctx), ctx.seed
+        )
 
     def labels_digest(self, ctx: StageContext) -> str:
         """Make (or reuse) the label maps; the digest of their output, for the trainer's fingerprint."""

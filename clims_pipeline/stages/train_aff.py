@@ -112,6 +112,7 @@ class TrainAff(RefinerTrainerStage):
     name, order = "train_aff", 50
     help = "PSA AffinityNet: affinity labels from the CAMs (two background powers + CRF), then training"
 
+    crop_dataset = AffinityCropDataset
     method, labels_what = "psa", "affinity labels"
 
     def fingerprint(self, ctx: StageContext) -> dict[str, Any]:
@@ -156,12 +157,6 @@ class TrainAff(RefinerTrainerStage):
             )
 
         return make_labels
-
-    def build_dataset(self, ctx: StageContext) -> Dataset[dict[str, Any]]:
-        image_ids = self.training_ids(ctx)
-        return AffinityCropDataset(
-            ctx.source, image_ids, self.label_directory(ctx), ctx.config.train_aff, ctx.seed
-        )
 
     def build_model(self, ctx: StageContext) -> nn.Module:
         torch.manual_seed(ctx.seed)  # the same head init on every rank and every rerun

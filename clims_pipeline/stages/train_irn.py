@@ -90,6 +90,7 @@ class TrainIRN(RefinerTrainerStage):
         "IRNet: relation labels from the CAMs (two thresholds + CRF), then its boundary/displacement branches"
     )
 
+    crop_dataset = RelationCropDataset
     method, labels_what = "irn", "relation labels"
 
     def fingerprint(self, ctx: StageContext) -> dict[str, Any]:
@@ -121,12 +122,6 @@ class TrainIRN(RefinerTrainerStage):
             )
 
         return make_labels
-
-    def build_dataset(self, ctx: StageContext) -> Dataset[dict[str, Any]]:
-        image_ids = self.training_ids(ctx)
-        return RelationCropDataset(
-            ctx.source, image_ids, self.label_directory(ctx), ctx.config.train_irn, ctx.seed
-        )
 
     def build_model(self, ctx: StageContext) -> nn.Module:
         config = ctx.config.train_irn
